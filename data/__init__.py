@@ -1,0 +1,1 @@
+"""Image/caption data pipeline: sources, aspect-ratio buckets, transforms, caches, loaders."""

@@ -1,0 +1,52 @@
+"""Native PyTorch modules for Stable Diffusion XL / SD1.5 / SD2 and their LoRA adapters.
+
+Public API (stable):
+
+    from models import UNet, UNetConfig, AutoencoderKL, VAEConfig, CLIPTextEncoder, CLIPTextConfig, CLIPTokenizer
+    bundle = models.build_model("sdxl", device="meta")
+    bundle = models.load_model("path/or/hub-id")
+    net = models.inject_lora(bundle, unet="kohya", rank=16)
+    net = models.load_lora(bundle, "file.safetensors")
+
+Names resolve lazily so that importing one module does not import every other one.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "UNet": "models.unet",
+    "UNetConfig": "models.unet",
+    "AutoencoderKL": "models.vae",
+    "VAEConfig": "models.vae",
+    "DiagonalGaussian": "models.vae",
+    "CLIPTextEncoder": "models.clip",
+    "CLIPTextConfig": "models.clip",
+    "CLIPTextOutput": "models.clip",
+    "CLIPTokenizer": "models.tokenizer",
+    "ModelBundle": "models.bundle",
+    "FamilySpec": "models.bundle",
+    "FAMILIES": "models.bundle",
+    "build_model": "models.bundle",
+    "load_model": "models.loading",
+    "ModelLoadError": "models.loading",
+    "LoRALinear": "models.lora",
+    "LoRAConv2d": "models.lora",
+    "LoRANetwork": "models.lora",
+    "inject_lora": "models.lora",
+    "load_lora": "models.lora_files",
+    "LoRAFileError": "models.lora_files",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

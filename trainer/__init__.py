@@ -1,0 +1,1 @@
+"""Training loop, inference, export, conversion and LoRA tools (`python -m trainer`)."""
