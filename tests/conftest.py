@@ -4,7 +4,10 @@ The oracle packages (diffusers, transformers, open_clip) import torchvision. On 
 PyPI torchvision wheel cannot load its compiled ops, and its fake-op registrations then fail at
 import. Declaring the two op schemas it registers fakes for lets it import; no test uses them.
 """
+import gzip
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +58,36 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CLIP_BPE_ASSET = Path(__file__).resolve().parents[1] / "models" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@pytest.fixture(scope="session")
+def hf_files(tmp_path_factory):
+    """vocab.json + merges.txt derived from the shipped BPE file, as in HF CLIP tokenizer folders."""
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    lines = gzip.decompress(CLIP_BPE_ASSET.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = _bytes_to_unicode_reference()
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == 49408
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def _bytes_to_unicode_reference() -> list[str]:
+    # GPT-2's table, written out independently of models.tokenizer; vocabulary order is the
+    # printable bytes first ("!" = 0), then the remapped ones.
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]

@@ -4,7 +4,6 @@ The reference tokenizers are built from vocab.json / merges.txt written into tmp
 shipped BPE file the way the Hugging Face CLIP files were made (256 byte symbols, the same with
 `</w>`, the 48894 merges joined, the two specials).
 """
-import gzip
 import html
 import importlib.util
 import json
@@ -18,7 +17,6 @@ import torch
 
 from models.tokenizer import CLIPTokenizer
 
-ASSET = Path(__file__).resolve().parents[1] / "models" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
 HAND_WRITTEN = [
     "",
@@ -106,36 +104,6 @@ def generated_prompts(count: int, seed: int = 1234) -> list[str]:
 
 
 PROMPTS = HAND_WRITTEN + generated_prompts(220)
-
-
-@pytest.fixture(scope="module")
-def hf_files(tmp_path_factory):
-    """vocab.json + merges.txt derived from the shipped BPE file, as in HF CLIP tokenizer folders."""
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    lines = gzip.decompress(ASSET.read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    byte_chars = _bytes_to_unicode_reference()
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == 49408
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
-
-
-def _bytes_to_unicode_reference() -> list[str]:
-    # GPT-2's table, written out independently of models.tokenizer; vocabulary order is the
-    # printable bytes first ("!" = 0), then the remapped ones.
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 @pytest.fixture(scope="module")
