@@ -1,1 +1,62 @@
-"""Image/caption data pipeline: sources, aspect-ratio buckets, transforms, caches, loaders."""
+"""Image/caption data pipeline: sources, aspect-ratio buckets, transforms, caches, loaders.
+
+Public API (stable):
+
+    from data import DataConfig, build_dataset, build_dataloader, LatentCache, TextCache
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed)          # scan + report + buckets
+    LatentCache(cfg.data.cache_dir, model_id).build(dataset, vae_encode)   # optional
+    loader = build_dataloader(dataset, batch_size, seed=seed, rank=rank, world_size=world, device=device)
+
+Names resolve lazily so that `from data.config import DataConfig` does not import torch.
+See data/README.md for the whole pipeline.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "DataConfig": "data.config",
+    "SubsetConfig": "data.config",
+    "DataError": "data.errors",
+    "DataConfigError": "data.errors",
+    "DataScanError": "data.errors",
+    "CacheError": "data.errors",
+    "ImageLoadError": "data.images",
+    "load_image": "data.images",
+    "probe_image": "data.images",
+    "CaptionProcessor": "data.captions",
+    "CaptionSettings": "data.captions",
+    "generate_buckets": "data.buckets",
+    "assign_bucket": "data.buckets",
+    "format_bucket_table": "data.buckets",
+    "CropPlan": "data.transforms",
+    "plan_crop": "data.transforms",
+    "ScanReport": "data.scan",
+    "ImageRecord": "data.scan",
+    "ImageCaptionDataset": "data.dataset",
+    "build_dataset": "data.dataset",
+    "BucketBatchSampler": "data.sampler",
+    "BucketLoader": "data.loader",
+    "DevicePrefetcher": "data.loader",
+    "build_dataloader": "data.loader",
+    "collate_batch": "data.loader",
+    "LatentCache": "data.cache",
+    "TextCache": "data.cache",
+    "build_caches": "data.cache",
+    "check_latent_cache_allowed": "data.cache",
+    "check_text_cache_allowed": "data.cache",
+    "benchmark_pipeline": "data.bench",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
