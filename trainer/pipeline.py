@@ -1,0 +1,446 @@
+"""Text-to-image generation with a `ModelBundle`: prompt encoding, classifier-free guidance,
+a native sampler, VAE decoding, and A1111-style PNG metadata.
+
+    bundle = models.build_model("tiny-sdxl", seed=0)
+    pipe = Txt2ImgPipeline(bundle, sampler="euler_a")
+    images = pipe("a watercolor fox", negative_prompt="blurry", steps=30, cfg=7.0, seed=42, n=2)
+    save_png(images[0], "fox.png")          # keeps the `parameters` text chunk
+
+Reproducibility: image k of a call uses seed `seed + k`; its initial noise (and, for Euler a, its
+ancestral noise) comes from its own CPU `torch.Generator().manual_seed(seed + k)`, then moves to
+the model's device. So an image is reproduced by the seed in its metadata with n=1, and results
+do not depend on the device or on the batch it was generated in (up to kernel rounding).
+
+LoRAs are applied to the bundle by the caller (e.g. `models.load_lora(bundle, path, strength)`,
+merged or dynamic) or through `Txt2ImgPipeline.add_lora`; the pipeline only records them for the
+metadata.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .samplers import Sampler, get_sampler
+from .schedule import NoiseSchedule
+
+LATENT_CHANNELS = 4
+
+
+@dataclass
+class GenerationParams:
+    """Settings of one generated image, as written to its PNG `parameters` chunk."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    """Display name, e.g. "Euler a", "DPM++ 2M Karras"."""
+    cfg: float
+    seed: int
+    width: int
+    height: int
+    model: str
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    """(name, strength) of every LoRA applied to the model."""
+
+    def infotext(self) -> str:
+        """The A1111 `parameters` text: prompt, "Negative prompt: ...", then "Key: value, ..."."""
+        fields = [
+            ("Steps", self.steps),
+            ("Sampler", self.sampler),
+            ("CFG scale", f"{self.cfg:g}"),
+            ("Seed", self.seed),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model", self.model),
+        ]
+        if self.loras:
+            fields.append(("LoRAs", ", ".join(f"{name}:{strength:g}" for name, strength in self.loras)))
+        fields.append(("Version", "lorasmith"))
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in fields))
+        return "\n".join(lines)
+
+
+def _quote(value: str) -> str:
+    # A1111's parser splits on ", " and ": "; such values are written as JSON strings.
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Write `image` as PNG with a `parameters` tEXt chunk (`parameters` or image.info's)."""
+    path = Path(path)
+    text = parameters if parameters is not None else image.info.get("parameters")
+    info = PngInfo()
+    if text:
+        info.add_text("parameters", text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def latents_to_images(images: torch.Tensor) -> list[Image.Image]:
+    """Decoded images (B, 3, H, W) in [-1, 1] -> RGB PIL images (rounded to uint8)."""
+    arr = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+@dataclass
+class GenerationJob:
+    """Everything `Txt2ImgPipeline.sample` needs, built by `prepare`."""
+
+    prompts: list[str]
+    negatives: list[str]
+    """Negative prompt per prompt ("" when guidance is off)."""
+    n: int
+    steps: int
+    cfg: float
+    seeds: list[int]
+    """Seed per image (seed + k)."""
+    generators: list[torch.Generator]
+    """CPU generator per image; after the noise draw they feed ancestral samplers."""
+    width: int
+    height: int
+    sampler: Sampler
+    noise: torch.Tensor
+    """(B, 4, H/8, W/8) float32 initial noise on the model device."""
+    context: torch.Tensor
+    """(B or 2B, 77, D) text context in the UNet dtype; [uncond; cond] with guidance."""
+    y: torch.Tensor | None
+    """SDXL vector (B or 2B, adm) or None."""
+
+    @property
+    def guidance(self) -> bool:
+        return self.cfg > 1.0
+
+
+class Txt2ImgPipeline:
+    """Text-to-image sampling with a `ModelBundle` (SD1.5, SD2, SDXL and their tiny variants).
+
+    Args:
+        bundle: the model; its UNet's device and dtype are used for sampling.
+        sampler: default sampler name ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras").
+        timestep_spacing: "leading" (SD/SDXL default), "trailing" (use with zero-terminal-SNR
+            models) or "linspace".
+        zero_terminal_snr: sample with the zero-terminal-SNR schedule the model was trained on.
+        prediction_type: override the family's ("epsilon" or "v_prediction").
+        model_name: name written to metadata (default: the family name).
+    """
+
+    def __init__(
+        self,
+        bundle,
+        sampler: str = "euler",
+        *,
+        timestep_spacing: str = "leading",
+        zero_terminal_snr: bool = False,
+        prediction_type: str | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.schedule = NoiseSchedule(zero_terminal_snr=zero_terminal_snr)
+        self.timestep_spacing = timestep_spacing
+        self.sampler = sampler
+        self._make_sampler(sampler)  # validates the name and spacing now
+        self.prediction_type = prediction_type or bundle.spec.prediction_type
+        self.model_name = model_name or bundle.family
+        self.loras: list[tuple[str, float]] = []
+
+    def _make_sampler(self, name: str) -> Sampler:
+        return get_sampler(name, schedule=self.schedule, timestep_spacing=self.timestep_spacing)
+
+    def add_lora(self, path: str | Path, strength: float = 1.0):
+        """Apply a LoRA file to the bundle (`models.load_lora`) and record it; returns its network."""
+        from models import load_lora
+
+        network = load_lora(self.bundle, path, strength)
+        self.loras.append((Path(path).stem, float(strength)))
+        return network
+
+    # ---- geometry -----------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (8 for the VAE times the UNet's downsampling)."""
+        levels = len(self.bundle.unet.config.channel_mult)
+        return 8 * 2 ** (levels - 1)
+
+    def check_size(self, width: int, height: int) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
+            if value % 8:
+                raise ValueError(f"{name}={value} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)")
+            if value % self.size_multiple:
+                lower = value // self.size_multiple * self.size_multiple
+                raise ValueError(
+                    f"{name}={value} must be a multiple of {self.size_multiple} for this model "
+                    f"({self.bundle.family}); try {lower or self.size_multiple} or {lower + self.size_multiple}"
+                )
+
+    # ---- conditioning -------------------------------------------------------------------------
+    def encode(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None,
+        n: int,
+        size: tuple[int, int],
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Conditioning for len(prompts) * n images (each prompt repeated n times in a row).
+
+        size: (height, width) in pixels. Returns (context, y, neg_context, neg_y): context
+        (B, 77, D); y (B, adm) for SDXL else None; the negatives are None without guidance
+        (`negative_prompts` None). SDXL time ids are [orig_h, orig_w, crop_top, crop_left,
+        target_h, target_w], original and target size defaulting to `size`.
+        """
+        bundle = self.bundle
+        context, pooled = bundle.encode_prompt(list(prompts))
+        neg_context = neg_pooled = None
+        if negative_prompts is not None:
+            neg_context, neg_pooled = bundle.encode_prompt(list(negative_prompts))
+        y = neg_y = None
+        if bundle.spec.is_sdxl:
+            from models.unet import sdxl_vector
+
+            ids = [*(original_size or size), *crop_top_left, *(target_size or size)]
+            time_ids = torch.tensor([ids] * len(prompts), dtype=torch.float32, device=pooled.device)
+            y = sdxl_vector(pooled, time_ids)
+            if neg_pooled is not None:
+                neg_y = sdxl_vector(neg_pooled, time_ids)
+
+        def rep(t):
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        return rep(context), rep(y), rep(neg_context), rep(neg_y)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        steps: int = 30,
+        cfg: float = 7.0,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        n: int = 1,
+        sampler: str | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        latents: torch.Tensor | None = None,
+        return_latents: bool = False,
+        progress: bool = True,
+        callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    ):
+        """Generate len(prompt) * n images (prompt-major order; image k uses seed + k).
+
+        width/height: pixels (default: the family's resolution), multiples of `size_multiple`.
+        cfg: guidance scale; <= 1 disables classifier-free guidance (one UNet pass per step).
+        original_size / crop_top_left / target_size: SDXL micro-conditioning as (h, w) / (top, left).
+        latents: (B, 4, H/8, W/8) unit-variance initial noise replacing the seeded draw.
+        callback(i, t, denoised) is called after each step. Returns a list of PIL images (each with
+        `info["parameters"]`), or (images, final latents (B, 4, H/8, W/8) float32) with
+        `return_latents`.
+        """
+        job = self.prepare(
+            prompt, negative_prompt, steps, cfg, seed, width, height, n, sampler,
+            original_size, crop_top_left, target_size, latents,
+        )
+        result = self.sample(job, progress=progress, callback=callback)
+        images = self.to_images(job, self.decode(result))
+        return (images, result) if return_latents else images
+
+    def prepare(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        steps: int = 30,
+        cfg: float = 7.0,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        n: int = 1,
+        sampler: str | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> GenerationJob:
+        """Validate the arguments, encode the prompts and draw the initial noise (see `__call__`)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty: give a string or a non-empty list of strings")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (images per prompt) must be a positive integer, got {n!r}")
+        width = self.bundle.spec.resolution if width is None else width
+        height = self.bundle.spec.resolution if height is None else height
+        self.check_size(width, height)
+        sampler_obj = self._make_sampler(sampler or self.sampler)
+        sampler_obj.plan(steps)  # validates steps before any work
+        batch = len(prompts) * n
+        latent_shape = (batch, LATENT_CHANNELS, height // 8, width // 8)
+        device, dtype = self.bundle.unet.device, self.bundle.unet.dtype
+
+        seeds = [seed + k for k in range(batch)]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if latents is None:
+            noise = torch.cat([torch.randn((1, *latent_shape[1:]), generator=g) for g in generators])
+        else:
+            if tuple(latents.shape) != latent_shape:
+                raise ValueError(f"latents must have shape {latent_shape} for this call, got {tuple(latents.shape)}")
+            noise = latents.float()
+
+        guidance = cfg > 1.0
+        with torch.inference_mode():
+            context, y, neg_context, neg_y = self.encode(
+                prompts, negatives if guidance else None, n, (height, width),
+                original_size, crop_top_left, target_size,
+            )
+            if guidance:  # one batched UNet call per step: [uncond; cond]
+                context = torch.cat([neg_context, context])
+                y = None if y is None else torch.cat([neg_y, y])
+        return GenerationJob(
+            prompts=prompts, negatives=negatives if guidance else [""] * len(prompts), n=n, steps=steps,
+            cfg=cfg, seeds=seeds, generators=generators, width=width, height=height, sampler=sampler_obj,
+            noise=noise.to(device), context=context.to(device=device, dtype=dtype),
+            y=None if y is None else y.to(device=device, dtype=dtype),
+        )
+
+    def sample(
+        self,
+        job: GenerationJob,
+        progress: bool = False,
+        callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the sampler of a prepared job: final latents (B, 4, H/8, W/8) float32."""
+        unet, dtype = self.bundle.unet, self.bundle.unet.dtype
+        context, y, cfg = job.context, job.y, job.cfg
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if job.guidance:
+                out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), context, y).float()
+                uncond, cond = out.chunk(2)
+                return uncond + cfg * (cond - uncond)
+            return unet(x.to(dtype), t, context, y).float()
+
+        bar = _progress(job.steps, progress)
+
+        def on_step(i: int, t: float, denoised: torch.Tensor) -> None:
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(i, t, denoised)
+
+        try:
+            with torch.inference_mode():
+                return job.sampler.sample(
+                    denoise, job.noise, job.steps, generator=job.generators,
+                    prediction_type=self.prediction_type, callback=on_step,
+                )
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in ~[-1, 1], float32.
+
+        Divides by the VAE scaling factor first; SDXL's VAE always decodes in fp32 (it overflows
+        in fp16)."""
+        vae = self.bundle.vae
+        upcast = True if self.bundle.spec.is_sdxl else None
+        with torch.inference_mode():
+            z = vae.unscale_latents(latents.float())
+            z = z.to(vae.device, torch.float32 if upcast else vae.dtype)
+            return vae.decode(z, upcast=upcast).float()
+
+    def to_images(self, job: GenerationJob, decoded: torch.Tensor) -> list[Image.Image]:
+        """PIL images from decoded pixels, each with its A1111 `parameters` text in `info`."""
+        images = latents_to_images(decoded)
+        for k, image in enumerate(images):
+            params = GenerationParams(
+                prompt=job.prompts[k // job.n], negative_prompt=job.negatives[k // job.n], steps=job.steps,
+                sampler=job.sampler.display_name, cfg=job.cfg, seed=job.seeds[k], width=job.width,
+                height=job.height, model=self.model_name, loras=list(self.loras),
+            )
+            image.info["parameters"] = params.infotext()
+        return images
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but generation must not need it
+        return None
+    return tqdm(total=total, desc="sampling", unit="step", leave=False)
+
+
+def benchmark_sampling(
+    bundle,
+    steps: int = 20,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    batch: int = 1,
+    sampler: str = "euler",
+    cfg: float = 7.0,
+    warmup_steps: int = 2,
+) -> dict:
+    """Time `steps` sampler steps (UNet with guidance + update) on the bundle's device and dtype.
+
+    Text encoding and VAE decoding are timed separately and excluded from the per-step figure;
+    a short run of `warmup_steps` comes first. Returns a dict: s_per_step, steps_per_s, sample_s,
+    encode_s, decode_s, steps, batch, width, height, sampler, cfg, device, dtype.
+    """
+    pipe = Txt2ImgPipeline(bundle, sampler=sampler)
+    device = bundle.unet.device
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    prompts = ["a photograph of an astronaut riding a horse"] * batch
+    kwargs = dict(cfg=cfg, width=width, height=height)
+    if warmup_steps:
+        pipe.sample(pipe.prepare(prompts, steps=warmup_steps, **kwargs))
+    t0 = clock()
+    job = pipe.prepare(prompts, steps=steps, **kwargs)
+    t1 = clock()
+    latents = pipe.sample(job)
+    t2 = clock()
+    pipe.decode(latents)
+    t3 = clock()
+    s_per_step = (t2 - t1) / steps
+    return {
+        "s_per_step": s_per_step,
+        "steps_per_s": 1.0 / s_per_step if s_per_step > 0 else math.inf,
+        "sample_s": t2 - t1,
+        "encode_s": t1 - t0,
+        "decode_s": t3 - t2,
+        "steps": steps,
+        "batch": batch,
+        "width": job.width,
+        "height": job.height,
+        "sampler": sampler,
+        "cfg": cfg,
+        "device": str(device),
+        "dtype": str(bundle.unet.dtype).replace("torch.", ""),
+    }
