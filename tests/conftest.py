@@ -45,6 +45,11 @@ def _declare_torchvision_ops() -> None:
 
 _declare_torchvision_ops()
 
+# Under xdist every worker already owns a core; letting each spawn a full thread pool
+# oversubscribes the machine and makes tiny-model tests many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
