@@ -1,0 +1,236 @@
+"""Atomic training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a directory `<run>/checkpoints/step-00000120/` holding
+
+    adapter.safetensors   trainable (LoRA) tensors in their training dtype (fp32), internal names
+    optimizer.pt          optimizer.state_dict()
+    scheduler.pt          lr scheduler state_dict()
+    scaler.pt             fp16 grad scaler state_dict() (only with mixed_precision=fp16)
+    rng-<rank>.pt         python / numpy / torch / cuda RNG states of each process
+    trainer_state.pt      step, epoch, data sampler position and other loop state
+    meta.json             human-readable summary; written last, marks the checkpoint complete
+
+It is written into a hidden `.tmp-step-...` directory first and renamed into place, so a crash
+mid-save never leaves a directory that `latest` could pick. Only the newest `keep_last`
+complete checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step-(\d+)$")
+_META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint to resume from is missing or unusable."""
+
+
+# ---- RNG state ------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """RNG states of python, numpy, torch (CPU) and every CUDA device, in torch.load-safe types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`. CUDA states are restored only when the device count matches."""
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuple(value):
+    # random.setstate needs tuples all the way down; serialisers may hand back lists.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+# ---- checkpoint contents --------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. `rng` is this process's RNG state (rank-matched when available)."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: dict | None
+    trainer_state: dict
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves, lists, prunes and loads the checkpoints of one run directory.
+
+    In multi-process runs every process constructs one; `barrier` must synchronise all processes
+    (e.g. `accelerator.wait_for_everyone`). Only the main process writes shared files; each
+    process writes its own RNG file.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        keep_last: int = 3,
+        *,
+        is_main: bool = True,
+        rank: int = 0,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.is_main = is_main
+        self.rank = rank
+        self._barrier = barrier or (lambda: None)
+
+    # ---- discovery ------------------------------------------------------------------------
+    def list(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, path), oldest first. Partial/hidden dirs are ignored."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            match = _NAME.match(child.name)
+            if match and child.is_dir() and self._is_complete(child):
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    @staticmethod
+    def _is_complete(path: Path) -> bool:
+        try:
+            meta = json.loads((path / _META).read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(meta.get("complete"))
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        found = self.list()
+        return found[-1][1] if found else None
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """Checkpoint to resume from for `train.resume`: None, "latest" (None when there is none
+        yet, so a fresh run can use the same config) or an explicit checkpoint directory."""
+        if resume is None:
+            return None
+        if resume == "latest":
+            return self.latest()
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"train.resume: checkpoint directory {str(path)!r} does not exist")
+        if not self._is_complete(path):
+            raise CheckpointError(
+                f"train.resume: {str(path)!r} is not a complete checkpoint (no {_META} marking it complete); "
+                "pick another one or use train.resume=latest"
+            )
+        return path
+
+    # ---- save -----------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        *,
+        weights: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: Any = None,
+        trainer_state: dict | None = None,
+        meta: dict | None = None,
+    ) -> Path:
+        """Write the checkpoint for `step` atomically; call on every process. Returns its path."""
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if not final.exists():
+                tmp.mkdir()
+        self._barrier()
+        if tmp.is_dir():
+            _atomic_torch_save(capture_rng(), tmp / f"rng-{self.rank}.pt")
+        self._barrier()
+        if self.is_main and tmp.is_dir():
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+            save_file(tensors, str(tmp / "adapter.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            state = dict(trainer_state or {})
+            state["step"] = step
+            torch.save(state, tmp / "trainer_state.pt")
+            info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}), "complete": True}
+            (tmp / _META).write_text(json.dumps(info, indent=2, default=str))
+            os.replace(tmp, final)
+            self.prune()
+        self._barrier()
+        return final
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep_last` complete checkpoints (main process only)."""
+        if not self.is_main:
+            return
+        found = self.list()
+        for _, path in found[: max(0, len(found) - self.keep_last)]:
+            # Rename first so a crash during rmtree leaves a hidden dir, not a broken step-* one.
+            trash = path.with_name(".trash-" + path.name)
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        for stale in self.root.glob(".trash-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- load -----------------------------------------------------------------------------
+    def load(self, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Read a checkpoint directory written by `save`."""
+        path = Path(path)
+        if not self._is_complete(path):
+            raise CheckpointError(f"{str(path)!r} is not a complete checkpoint")
+        try:
+            weights = load_file(str(path / "adapter.safetensors"), device="cpu")
+            optimizer = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+            scheduler = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+            scaler_file = path / "scaler.pt"
+            scaler = torch.load(scaler_file, map_location="cpu", weights_only=True) if scaler_file.exists() else None
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {exc}") from exc
+        rng_file = path / f"rng-{self.rank}.pt"
+        if not rng_file.exists():
+            rng_file = path / "rng-0.pt"  # world size changed: fall back to the main process's state
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+        return Checkpoint(path, int(state["step"]), weights, optimizer, scheduler, scaler, rng, state)

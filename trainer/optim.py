@@ -1,0 +1,166 @@
+"""Optimizers and learning-rate schedules for LoRA training.
+
+`build_optimizer` turns `OptimConfig` plus parameter groups into a torch optimizer (torch's own or
+bitsandbytes' 8-bit ones); `build_scheduler` returns a `LambdaLR` that scales every group's own
+learning rate by the same warmup + decay factor, so per-group rates (UNet vs text encoders) keep
+their ratio throughout training.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+if TYPE_CHECKING:
+    from .config import OptimConfig
+
+TORCH_OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+BNB_OPTIMIZERS = {
+    # name -> bitsandbytes.optim class
+    "adamw8bit": "AdamW8bit",
+    "adam8bit": "Adam8bit",
+    "paged_adamw8bit": "PagedAdamW8bit",
+    "lion8bit": "Lion8bit",
+    "paged_lion8bit": "PagedLion8bit",
+}
+OPTIMIZERS = TORCH_OPTIMIZERS + tuple(BNB_OPTIMIZERS)
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts")
+
+
+class OptimizerUnavailable(RuntimeError):
+    """The configured optimizer cannot run here (e.g. bitsandbytes missing or broken)."""
+
+
+def param_groups(
+    unet_params: Iterable[torch.nn.Parameter],
+    text_encoder_params: Iterable[torch.nn.Parameter],
+    cfg: OptimConfig,
+) -> list[dict]:
+    """Optimizer groups: UNet adapters at `cfg.lr`, text-encoder adapters at `cfg.te_lr` (or `lr`).
+
+    Empty groups are dropped; each group carries a `name` used for logging ("unet", "text_encoders").
+    """
+    groups = []
+    unet = [p for p in unet_params if p.requires_grad]
+    te = [p for p in text_encoder_params if p.requires_grad]
+    if unet:
+        groups.append({"name": "unet", "params": unet, "lr": cfg.lr})
+    if te:
+        te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr
+        groups.append({"name": "text_encoders", "params": te, "lr": te_lr})
+    if not groups:
+        raise ValueError("no trainable parameters: the LoRA network is empty (check lora.preset / lora.targets)")
+    return groups
+
+
+def _import_bitsandbytes():
+    """Import bitsandbytes or raise `OptimizerUnavailable` saying how to fix it.
+
+    bitsandbytes can fail at import with errors other than ImportError (missing CUDA libraries,
+    unsupported platform), so every exception is turned into the same clear message.
+    """
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as exc:
+        raise OptimizerUnavailable(
+            f"the 8-bit optimizers need bitsandbytes, which is not installed ({exc}); "
+            "install it with `pip install bitsandbytes` or set optim.name=adamw"
+        ) from exc
+    except Exception as exc:
+        raise OptimizerUnavailable(
+            f"bitsandbytes is installed but cannot run on this machine ({type(exc).__name__}: {exc}); "
+            "set optim.name=adamw"
+        ) from exc
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.name` over `groups` (see `param_groups`).
+
+    AdamW/Adam use the fused CUDA kernel when every parameter is a floating CUDA tensor and the
+    foreach implementation otherwise. Weight decay applies to all adapter weights.
+    """
+    name = cfg.name
+    params = [p for g in groups for p in g["params"]]
+    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    betas = tuple(cfg.betas)
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        kwargs = {"lr": cfg.lr, "betas": betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+        if on_cuda:
+            kwargs["fused"] = True
+        return cls(groups, **kwargs)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if name == "adafactor":
+        if not hasattr(torch.optim, "Adafactor"):
+            raise OptimizerUnavailable("optim.name=adafactor needs torch >= 2.5; upgrade torch or use adamw")
+        return torch.optim.Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name in BNB_OPTIMIZERS:
+        bnb = _import_bitsandbytes()
+        cls = getattr(bnb.optim, BNB_OPTIMIZERS[name], None)
+        if cls is None:
+            raise OptimizerUnavailable(
+                f"this bitsandbytes ({getattr(bnb, '__version__', '?')}) has no {BNB_OPTIMIZERS[name]}; "
+                "upgrade bitsandbytes or pick another optim.name"
+            )
+        kwargs = {"lr": cfg.lr, "betas": betas, "weight_decay": cfg.weight_decay}
+        if "eps" in inspect.signature(cls.__init__).parameters:
+            kwargs["eps"] = cfg.eps
+        try:
+            return cls(groups, **kwargs)
+        except Exception as exc:
+            raise OptimizerUnavailable(
+                f"bitsandbytes could not create {BNB_OPTIMIZERS[name]} ({type(exc).__name__}: {exc}); "
+                "set optim.name=adamw"
+            ) from exc
+    raise ValueError(f"optim.name: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def lr_factor(step: int, *, scheduler: str, warmup_steps: int, max_steps: int, num_cycles: int = 1,
+              min_lr_ratio: float = 0.0) -> float:
+    """Multiplier on the base learning rate for optimizer step `step` (0-based).
+
+    Warmup ramps linearly as (step + 1) / warmup_steps, so the first step already moves and the
+    last warmup step reaches the full rate. After warmup, `progress` runs 0 -> 1 over the remaining
+    steps and the factor decays to `min_lr_ratio`: linearly, along a half cosine, or along
+    `num_cycles` half cosines that restart at the full rate.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if scheduler == "linear":
+        decay = 1.0 - progress
+    elif scheduler == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif scheduler == "cosine_with_restarts":
+        if progress >= 1.0:
+            decay = 0.0
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
+    else:
+        raise ValueError(f"optim.scheduler: unknown schedule {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> LambdaLR:
+    """A `LambdaLR` applying `lr_factor` to every parameter group; step it once per optimizer step."""
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            scheduler=cfg.scheduler,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=max_steps,
+            num_cycles=cfg.num_cycles,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+
+    return LambdaLR(optimizer, factor)
