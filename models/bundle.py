@@ -113,8 +113,11 @@ class ModelBundle:
             return context, out2.pooled
         (te,) = self.text_encoders
         if base == "sd2":
-            out = te(token_ids[0], output_layer=-2)
-            return te.text_model.final_layer_norm(out.hidden_states[-2]), None
+            # SD2 conditions on the penultimate of OpenCLIP ViT-H's 24 layers; diffusers folders
+            # ship the encoder cut to those 23 layers, whose last output is then the one to take.
+            layer = -1 if te.config.num_layers == 23 else -2
+            out = te(token_ids[0], output_layer=layer)
+            return te.text_model.final_layer_norm(out.hidden_states[layer]), None
         return te(token_ids[0]).last_hidden_state, None
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
