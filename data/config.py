@@ -96,7 +96,8 @@ class DataConfig:
     """Training resolution in pixels (bucket area <= resolution^2); multiple of 8."""
     strict: bool = False
     """Stop before training, listing them all, if any image is unusable or any caption file is not
-    clean UTF-8; otherwise such files are skipped (captions repaired) and reported."""
+    clean UTF-8 (every image is then fully decoded, as with `verify_images`); otherwise such files
+    are skipped (captions repaired) and reported."""
     caption_extension: str = ".txt"
     """Sidecar caption file extension."""
     default_caption: str | None = None

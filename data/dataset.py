@@ -91,6 +91,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self._latent_keys: list[str | None] | None = None
         self._text_cache = None
         self._failed: set[int] = set()
+        self._worker_failures: list[tuple[int, str]] = []
 
     # -- sizes and buckets --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -162,6 +163,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return [int(r) for r in order[:_MAX_SUBSTITUTES] if int(r) not in self._failed]
 
     def _warn_failed(self, record: int, reason: str) -> None:
+        if record in self._failed:
+            return
+        if torch.utils.data.get_worker_info() is not None:
+            # Every DataLoader worker has its own `_failed`: hand the failure to the main process
+            # with the sample (`report_failure` via BucketLoader), which warns once per file.
+            self._failed.add(record)
+            self._worker_failures.append((record, reason))
+        else:
+            self.report_failure(record, reason)
+
+    def report_failure(self, record: int, reason: str) -> None:
+        """In the main process: warn, once per record, that `record` cannot be decoded and is replaced."""
         if record not in self._failed:
             self._failed.add(record)
             log.warning("skipping unreadable image %s: %s (a same-bucket image is used instead)",
@@ -180,6 +193,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             plan = self._pixel_sample(index, epoch, plan, out)
         if self._text_cache is not None:
             out.update(self._text_cache.get(plan.caption))
+        if self._worker_failures:
+            out["failed"], self._worker_failures = self._worker_failures, []
         crop = plan.crop
         out.update(caption=plan.caption, original_size=crop.original_size, crop_top_left=crop.crop_top_left,
                    target_size=crop.target_size, index=index, name=self.records[plan.record].name)
@@ -243,7 +258,10 @@ def build_dataset(config: DataConfig, *, seed: int = 0, log_summary: bool = True
     """
     config.check_sources()
     subsets = config.resolved_subsets()
-    opts = ScanOptions(max_pixels=config.max_pixels, min_size=config.min_size, verify=config.verify_images)
+    # Strict mode promises every unusable file before training: only a full decode finds damage
+    # in the middle of a file whose header and end marker are intact.
+    opts = ScanOptions(max_pixels=config.max_pixels, min_size=config.min_size,
+                       verify=config.verify_images or config.strict)
     hf_cache = None if config.cache_dir is None else os.path.join(config.cache_dir, "hf")
     report = ScanReport()
     records, tables = [], []
@@ -255,11 +273,11 @@ def build_dataset(config: DataConfig, *, seed: int = 0, log_summary: bool = True
     for i, sub in enumerate(subsets):
         recs = [r for r in dataset.records if r.subset == i]
         report.subsets.append((sub.name or sub.path, len(recs), sum(r.repeats for r in recs)))
+    if config.strict:
+        report.raise_if_errors()  # lists every problem itself: no summary first, so each is named once
     if log_summary:
         level = logging.WARNING if report.skipped or report.caption_errors else logging.INFO
         log.log(level, "%s", report.summary())
-    if config.strict:
-        report.raise_if_errors()
     if not dataset.records:
         raise DataError("no usable images found in " + ", ".join(repr(s.path) for s in subsets) + "\n" + report.summary())
     if log_summary:

@@ -145,8 +145,9 @@ def _decode_all(img: Image.Image) -> None:
 def probe_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = False) -> ImageInfo:
     """Size/format of an image file or encoded bytes, decoding pixels only when needed.
 
-    Truncation is caught by an end-of-file marker check; files that fail it (or every file when
-    `verify`) are fully decoded. Raises ImageLoadError with the reason.
+    Truncation is caught by an end-of-file marker check; files that fail it, PNGs (PIL decodes
+    them to find their EXIF anyway) and every file when `verify` are fully decoded. Raises
+    ImageLoadError with the reason.
     """
     head, tail, size = _head_tail(source)
     if size == 0:
@@ -155,10 +156,12 @@ def probe_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, ve
     try:
         fmt = img.format or "?"
         w, h = img.size
+        # PIL decodes a PNG to read its EXIF (the chunk may follow the pixels) and `_orientation`
+        # hides errors, so decode first: a damaged PNG fails here instead of passing as upright.
+        if verify or fmt == "PNG" or not _looks_complete(fmt, head, tail, size):
+            _decode_all(img)
         if _orientation(img) in _SWAPS_AXES:
             w, h = h, w
-        if verify or not _looks_complete(fmt, head, tail, size):
-            _decode_all(img)
         return ImageInfo(width=w, height=h, format=fmt, mode=img.mode)
     finally:
         img.close()

@@ -37,7 +37,8 @@ def collate_batch(samples: list[dict]) -> dict:
     Returns pixels (B, 3, H, W) and/or latent_mean/latent_std (B, C, h, w), context (B, T, D),
     pooled (B, P) (None when the encoder has none), caption list[str], original_size /
     crop_top_left / target_size list[(int, int)], add_time_ids float32 (B, 6) = SDXL's
-    (orig_h, orig_w, top, left, target_h, target_w), index LongTensor (B,), name list[str].
+    (orig_h, orig_w, top, left, target_h, target_w), index LongTensor (B,), name list[str], and
+    `failed` list[(record, reason)] when a worker had to replace an undecodable image.
     """
     if not samples:
         raise ValueError("collate_batch: empty batch")
@@ -56,6 +57,9 @@ def collate_batch(samples: list[dict]) -> dict:
         batch[key] = _stack(values)
     for key in ("caption", "original_size", "crop_top_left", "target_size", "name"):
         batch[key] = [s[key] for s in samples]
+    failed = [f for s in samples for f in s.get("failed", ())]
+    if failed:  # (record, reason) of images a worker could not decode; see BucketLoader.__iter__
+        batch["failed"] = failed
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
     batch["add_time_ids"] = torch.tensor(
         [[*s["original_size"], *s["crop_top_left"], *s["target_size"]] for s in samples], dtype=torch.float32)
@@ -175,6 +179,8 @@ class BucketLoader:
         source = self.loader if self.device is None else DevicePrefetcher(self.loader, self.device)
         for batch in source:
             self._consumed += 1
+            for record, reason in batch.pop("failed", ()):
+                self.dataset.report_failure(record, reason)  # once per file, however many workers hit it
             yield batch
 
     def state_dict(self) -> dict:

@@ -173,13 +173,20 @@ def build_model(
     """
     spec = family_spec(family)
     device = torch.device(device)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng, torch.device(device):
-        if seed is not None:
-            torch.manual_seed(seed)
-        unet = UNet(UNetConfig.preset(spec.unet))
-        vae = AutoencoderKL(VAEConfig.preset(spec.vae))
-        encoders = [CLIPTextEncoder(CLIPTextConfig.preset(name)) for name in spec.text_encoders]
+    configs = [UNetConfig.preset(spec.unet), VAEConfig.preset(spec.vae)]
+    configs += [CLIPTextConfig.preset(name) for name in spec.text_encoders]
+    if device.type == "meta":
+        from .single_file import meta_module  # imports this module: resolve at call time
+
+        # Shapes only: skipping init avoids running initialisers on meta tensors for nothing.
+        unet, vae, *encoders = [meta_module(c) for c in configs]
+    else:
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        with rng, torch.device(device):
+            if seed is not None:
+                torch.manual_seed(seed)
+            unet, vae = UNet(configs[0]), AutoencoderKL(configs[1])
+            encoders = [CLIPTextEncoder(c) for c in configs[2:]]
     parts = [unet, vae, *encoders]
     if dtype != torch.float32:
         for module in parts:

@@ -10,14 +10,17 @@ A checkpoint is a directory `<run>/checkpoints/step-00000120/` holding
     trainer_state.pt      step, epoch, data sampler position and other loop state
     meta.json             human-readable summary; written last, marks the checkpoint complete
 
-It is written into a hidden `.tmp-step-...` directory first and renamed into place, so a crash
-mid-save never leaves a directory that `latest` could pick. Only the newest `keep_last`
-complete checkpoints are kept.
+It is written into a hidden `.tmp-step-...` directory first, flushed to disk and renamed into
+place, so a crash (or power loss) mid-save never leaves a directory that `latest` could pick; a
+failed write (disk full, read-only) removes the hidden directory and raises CheckpointWriteError.
+Only the newest `keep_last` complete checkpoints are kept. Loading reads safetensors, JSON and
+weights-only pickles: a file holding anything else is refused, never unpickled.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -37,6 +41,13 @@ _META = "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint to resume from is missing or unusable."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, read-only directory, ...); earlier checkpoints are
+    intact. Printed without traceback."""
+
+    user_facing = True
 
 
 # ---- RNG state ------------------------------------------------------------------------------
@@ -90,6 +101,15 @@ def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".part")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointManager:
@@ -174,32 +194,50 @@ class CheckpointManager:
         """Write the checkpoint for `step` atomically; call on every process. Returns its path."""
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
-        if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if not final.exists():
-                tmp.mkdir()
-        self._barrier()
-        if tmp.is_dir():
-            _atomic_torch_save(capture_rng(), tmp / f"rng-{self.rank}.pt")
-        self._barrier()
-        if self.is_main and tmp.is_dir():
-            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
-            save_file(tensors, str(tmp / "adapter.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            state = dict(trainer_state or {})
-            state["step"] = step
-            torch.save(state, tmp / "trainer_state.pt")
-            info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}), "complete": True}
-            (tmp / _META).write_text(json.dumps(info, indent=2, default=str))
-            os.replace(tmp, final)
-            self.prune()
+        try:
+            if self.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                if not final.exists():
+                    tmp.mkdir()
+            self._barrier()
+            if tmp.is_dir():
+                _atomic_torch_save(capture_rng(), tmp / f"rng-{self.rank}.pt")
+            self._barrier()
+            if self.is_main and tmp.is_dir():
+                self._write(tmp, step, weights, optimizer, scheduler, scaler, trainer_state, meta)
+                os.replace(tmp, final)
+                _fsync(self.root)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final} ({exc.strerror or exc}: {exc.filename or tmp}); "
+                f"{f'the last complete checkpoint is {last}' if last else 'no checkpoint was written yet'}. Free "
+                "disk space or make the directory writable, then continue with train.resume=latest") from exc
+        self.prune()
         self._barrier()
         return final
+
+    @staticmethod
+    def _write(tmp: Path, step, weights, optimizer, scheduler, scaler, trainer_state, meta) -> None:
+        """Write every file of a checkpoint into `tmp` and flush them to the disk; meta.json last."""
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+        save_file(tensors, str(tmp / "adapter.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        state = dict(trainer_state or {})
+        state["step"] = step
+        torch.save(state, tmp / "trainer_state.pt")
+        info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}), "complete": True}
+        (tmp / _META).write_text(json.dumps(info, indent=2, default=str))
+        # Data before the rename: after a power loss a complete-looking checkpoint has its bytes.
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
 
     def prune(self) -> None:
         """Delete all but the newest `keep_last` complete checkpoints (main process only)."""
@@ -216,21 +254,43 @@ class CheckpointManager:
 
     # ---- load -----------------------------------------------------------------------------
     def load(self, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-        """Read a checkpoint directory written by `save`."""
+        """Read a checkpoint directory written by `save`. Raises CheckpointError naming the file
+        when one is damaged or holds anything but tensors and plain data (never unpickled)."""
         path = Path(path)
         if not self._is_complete(path):
             raise CheckpointError(f"{str(path)!r} is not a complete checkpoint")
-        try:
-            weights = load_file(str(path / "adapter.safetensors"), device="cpu")
-            optimizer = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
-            scheduler = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
-            scaler_file = path / "scaler.pt"
-            scaler = torch.load(scaler_file, map_location="cpu", weights_only=True) if scaler_file.exists() else None
-            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {exc}") from exc
         rng_file = path / f"rng-{self.rank}.pt"
         if not rng_file.exists():
             rng_file = path / "rng-0.pt"  # world size changed: fall back to the main process's state
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+
+        def read(name: str, optional: bool = False, location=map_location):
+            file = path / name
+            if optional and not file.exists():
+                return None
+            try:
+                if name.endswith(".safetensors"):
+                    return load_file(str(file), device="cpu")
+                return torch.load(file, map_location=location, weights_only=True)
+            except pickle.UnpicklingError:
+                reason = "it holds objects other than tensors and plain data, so it was not unpickled"
+            except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path} is unusable: {name}: {reason}. {self._instead(path)}")
+
+        weights = read("adapter.safetensors")
+        optimizer = read("optimizer.pt")
+        scheduler = read("scheduler.pt", location="cpu")
+        scaler = read("scaler.pt", optional=True, location="cpu")
+        state = read("trainer_state.pt", location="cpu")
+        rng = read(rng_file.name, optional=True, location="cpu")
         return Checkpoint(path, int(state["step"]), weights, optimizer, scheduler, scaler, rng, state)
+
+    @staticmethod
+    def _instead(path: Path) -> str:
+        """What to do about the unusable checkpoint `path`: resume from the newest older one."""
+        match = _NAME.match(path.name)
+        step = int(match.group(1)) if match else float("inf")
+        older = [p for s, p in CheckpointManager(path.parent).list() if s < step]
+        if older:
+            return f"Resume from the previous one with train.resume={older[-1]} (or delete {path.name})"
+        return "Delete it to start over, or restore it from a backup"

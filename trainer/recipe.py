@@ -112,10 +112,14 @@ class LoRATrainingRecipe:
 
     # ================================================================================ setup ==
     def setup(self) -> None:
+        from data.dataset import build_dataset
+
         cfg = self.cfg
         self._setup_accelerator()
         self._prepare_run_dir()
         self._seed_everything(cfg.train.seed)
+        with self.accelerator.main_process_first():  # unusable data fails before any model loads
+            self.dataset = build_dataset(cfg.data, seed=cfg.train.seed, log_summary=self.is_main)
         self.bundle = self._build_bundle()
         self._inject_lora()
         self._setup_data()
@@ -124,6 +128,8 @@ class LoRATrainingRecipe:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, is_main=self.is_main,
                                       rank=self.accelerator.process_index, barrier=self.accelerator.wait_for_everyone)
         self.start_step = self._resume()
+        if self.is_main:  # written only now, so a failed resume leaves config.yaml matching the checkpoints
+            save_config(cfg, self.run_dir / "config.yaml")
         self.step = self.start_step
         self._is_setup = True
 
@@ -158,11 +164,17 @@ class LoRATrainingRecipe:
                 f"{self.run_dir} already has checkpoints (latest step {existing[-1][0]}); resume with "
                 "train.resume=latest, start over with output.overwrite=true, or pick another output.name")
         if self.is_main:
-            if existing:
-                shutil.rmtree(ckpt_dir)
-                shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            try:  # a full or read-only output directory fails here, before the model is loaded
+                if existing:
+                    shutil.rmtree(ckpt_dir)
+                    shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise TrainingError(f"cannot write to the run directory {self.run_dir} ({exc.strerror or exc}); make "
+                                    "it writable or set output.dir to another folder") from None
         self.accelerator.wait_for_everyone()
 
     @staticmethod
@@ -223,13 +235,10 @@ class LoRATrainingRecipe:
 
     def _setup_data(self) -> None:
         from data.cache import LatentCache, TextCache
-        from data.dataset import build_dataset
         from data.loader import build_dataloader
 
         d, t = self.cfg.data, self.cfg.train
         acc = self.accelerator
-        with acc.main_process_first():
-            self.dataset = build_dataset(d, seed=t.seed, log_summary=self.is_main)
         model_id = self._model_id()
         if d.cache_latents:
             cache = LatentCache(d.cache_dir, model_id + ":vae", dtype=d.cache_dtype)
@@ -289,11 +298,15 @@ class LoRATrainingRecipe:
         if path is None:
             return 0
         ck = self.ckpt.load(path)
-        missing, unexpected = self.network.load_state_dict(ck.weights, strict=False)
-        if missing or unexpected:
+        own = self.network.state_dict()
+        missing, unexpected = [k for k in own if k not in ck.weights], [k for k in ck.weights if k not in own]
+        reshaped = [k for k in own if k in ck.weights and ck.weights[k].shape != own[k].shape]
+        if missing or unexpected or reshaped:
             raise TrainingError(f"checkpoint {path} does not match the LoRA layout of this config "
-                                f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                                f"{(missing or unexpected)[0]}); resume with the config it was trained with")
+                                f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped "
+                                f"tensors, e.g. {(missing or unexpected or reshaped)[0]}); resume with the config it "
+                                f"was trained with ({self.run_dir / 'config.yaml'})")
+        self.network.load_state_dict(ck.weights)
         self.optimizer.load_state_dict(ck.optimizer)
         self.scheduler.load_state_dict(ck.scheduler)
         if ck.scaler is not None and self.accelerator.scaler is not None:
@@ -337,12 +350,14 @@ class LoRATrainingRecipe:
                 last = at == t.max_steps
                 if at % t.log_every == 0 or last:
                     self._flush_logs()
-                if t.save_every and at % t.save_every == 0 and not last:
-                    self._save_checkpoint()
+                # Exports and images come before the checkpoint of their step, so that a run killed
+                # while writing them resumes from an earlier checkpoint and writes them again.
                 if t.export_every and at % t.export_every == 0 and not last:
                     self._export(self.run_dir / f"{cfg.output.name}-step{at:08d}.safetensors")
                 if cfg.sample.prompts and cfg.sample.every and at % cfg.sample.every == 0 and not last:
                     self._sample_images()
+                if t.save_every and at % t.save_every == 0 and not last:
+                    self._save_checkpoint()
                 if self._should_stop(at % t.log_every == 0):
                     self._flush_logs()
                     summary.checkpoint = self._save_checkpoint()
@@ -399,20 +414,17 @@ class LoRATrainingRecipe:
                 loss = self._loss(batch, index)
                 acc.backward(loss)
             losses.append(loss.detach())
-        grad_norm = None
-        if t.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.trainable, t.max_grad_norm)
-        elif (self.step + 1) % t.log_every == 0:
-            grad_norm = acc.clip_grad_norm_(self.trainable, math.inf)  # norm for the log only
+        # The norm is needed every step, clipping or not: a non-finite gradient must be caught at the
+        # step that makes it, before checkpoints can save the weights the optimizer wrote from it.
+        grad_norm = acc.clip_grad_norm_(self.trainable, t.max_grad_norm or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
         bad = ~torch.isfinite(step_loss)
-        if grad_norm is not None:
-            self._last_grad_norm = grad_norm.detach()
-            if acc.scaler is None:  # with fp16 the loss scaler skips overflowing steps itself
-                bad = bad | ~torch.isfinite(grad_norm)
+        self._last_grad_norm = grad_norm.detach()
+        if acc.scaler is None:  # with fp16 the loss scaler skips overflowing steps itself
+            bad = bad | ~torch.isfinite(grad_norm)
         self._first_bad = torch.where((self._first_bad < 0) & bad, torch.full_like(self._first_bad, self.step + 1),
                                       self._first_bad)
         self._pending.append(step_loss.float())
@@ -496,7 +508,12 @@ class LoRATrainingRecipe:
     def _export(self, path: Path) -> Path:
         self._check_finite()
         if self.is_main:
-            self.network.save(path, dtype=DTYPES[self.cfg.output.export_dtype], metadata=self._export_metadata())
+            try:
+                self.network.save(path, dtype=DTYPES[self.cfg.output.export_dtype], metadata=self._export_metadata())
+            except OSError as exc:
+                raise TrainingError(f"could not write the LoRA {path} ({exc.strerror or exc}); training state up to "
+                                    f"{self.ckpt.latest() or 'the start'} is saved: free disk space or make the "
+                                    "directory writable, then rerun with train.resume=latest") from None
             self._log(f"exported LoRA to {path}")
         self.accelerator.wait_for_everyone()
         return path
