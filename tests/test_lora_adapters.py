@@ -191,7 +191,9 @@ def test_meta_model_materialised_with_to_empty():
     meta.unet.load_state_dict(real.unet.state_dict(), strict=False)
     net.reset_parameters()
     with torch.no_grad():
-        assert torch.equal(meta.unet(*inputs), want)  # lora_up starts at zero
+        # lora_up starts at zero; the wrapped Upsample conv takes the unfused path, so equal up to rounding
+        got = meta.unet(*inputs)
+        assert ((got - want).norm() / want.norm()).item() <= 1e-6
         randomize(net)
         live = meta.unet(*inputs)
         net.merge()
