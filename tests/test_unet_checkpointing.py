@@ -1,0 +1,104 @@
+"""Gradient checkpointing recomputes activations without changing outputs or gradients."""
+import pytest
+import torch
+
+from models.unet import UNet, UNetConfig, sdxl_vector
+from models.unet_blocks import BasicTransformerBlock, ResBlock
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_case(preset: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = UNetConfig.preset(preset)
+    unet = UNet(cfg).train()
+    x = torch.randn(2, 4, 8, 12)
+    t = torch.tensor([3.0, 700.0])
+    ctx = torch.randn(2, 9, cfg.context_dim)
+    y = sdxl_vector(torch.randn(2, 64), torch.full((2, 6), 512.0)) if cfg.adm_in_channels else None
+    return unet, (x, t, ctx, y)
+
+
+def loss_and_grads(unet, inputs):
+    unet.zero_grad(set_to_none=True)
+    x = inputs[0].clone().requires_grad_()
+    out = unet(x, *inputs[1:])
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer", "transformer"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
+def test_checkpointing_keeps_outputs_and_gradients(preset, granularity):
+    unet, inputs = make_case(preset)
+    out0, gx0, grads0 = loss_and_grads(unet, inputs)
+    unet.set_gradient_checkpointing(True, granularity=granularity)
+    assert unet.gradient_checkpointing == granularity
+    out1, gx1, grads1 = loss_and_grads(unet, inputs)
+    assert torch.allclose(out0, out1, rtol=0, atol=1e-6)
+    assert torch.allclose(gx0, gx1, rtol=0, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        assert torch.allclose(grads0[name], grads1[name], rtol=1e-6, atol=1e-6), name
+
+
+def count_calls(unet, cls):
+    """Counter of runs of every `cls` module. Pre-hooks on its first sublayer: the checkpointed
+    recomputation calls the module's body directly and stops once the saved tensors are rebuilt."""
+    calls = []
+    first = {ResBlock: "in_layers", BasicTransformerBlock: "norm1"}[cls]
+    for m in unet.modules():
+        if isinstance(m, cls):
+            getattr(m, first).register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "granularity,recomputed,kept",
+    [
+        ("block", ResBlock, None),
+        ("layer", ResBlock, None),
+        ("layer", BasicTransformerBlock, None),
+        ("transformer", BasicTransformerBlock, ResBlock),
+    ],
+)
+def test_checkpointed_modules_run_again_in_backward(granularity, recomputed, kept):
+    unet, inputs = make_case("tiny-sdxl")
+    unet.set_gradient_checkpointing(True, granularity=granularity)
+    calls = count_calls(unet, recomputed)
+    other = count_calls(unet, kept) if kept else None
+    out = unet(*inputs)
+    forward_calls = len(calls)
+    assert forward_calls == sum(isinstance(m, recomputed) for m in unet.modules())
+    out.square().mean().backward()
+    assert len(calls) == 2 * forward_calls  # each one recomputed once
+    if other is not None:
+        assert len(other) == sum(isinstance(m, kept) for m in unet.modules())  # not recomputed
+
+
+def test_off_in_eval_and_no_grad_and_when_disabled():
+    unet, inputs = make_case("tiny-sdxl")
+    unet.set_gradient_checkpointing(True)
+    calls = count_calls(unet, ResBlock)
+    n_res = sum(isinstance(m, ResBlock) for m in unet.modules())
+    with torch.no_grad():
+        unet(*inputs)
+    unet.eval()
+    unet(*inputs).sum().backward()
+    unet.train()
+    unet.set_gradient_checkpointing(False)
+    assert unet.gradient_checkpointing is None
+    unet(*inputs).sum().backward()
+    assert len(calls) == 3 * n_res
+
+
+def test_bad_granularity():
+    unet, _ = make_case("tiny-sd15")
+    with pytest.raises(ValueError, match="granularity"):
+        unet.set_gradient_checkpointing(True, granularity="everything")

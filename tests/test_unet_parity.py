@@ -1,0 +1,217 @@
+"""Numerical parity of models.unet.UNet with diffusers' UNet2DConditionModel (test-only oracle).
+
+Weights move from our ldm-named state dict to diffusers through diffusers' own
+`convert_ldm_unet_checkpoint` (fed with the `model.diffusion_model.` prefix of a single-file
+checkpoint), an independent definition of the ldm names; the result is loaded strictly. The
+diffusers config is written out below from the same numbers as our UNetConfig.
+"""
+import pytest
+import torch
+
+from models.unet import UNet, UNetConfig, sdxl_vector, timestep_embedding
+
+CASES = {
+    # SD1.5 layout: fixed head count, 1x1-conv proj_in/out, no adm.
+    "tiny-sd15": UNetConfig.preset("tiny-sd15"),
+    # SDXL layout: no attention at level 0, deeper transformers, linear proj, label_emb for y.
+    "tiny-sdxl": UNetConfig.preset("tiny-sdxl"),
+    # SD2 layout: fixed channels per head, linear proj; two ResBlocks per level for the block numbering.
+    "sd2-style": UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, transformer_depth=(1, 1, 0),
+        transformer_depth_middle=1, num_heads=None, num_head_channels=16, context_dim=48,
+        use_linear_in_transformer=True, adm_in_channels=None, norm_num_groups=16,
+    ),
+}
+
+# (batch, height, width, context tokens): non-square latents, batch > 1, a different token count.
+INPUTS = [(2, 16, 24, 77), (1, 16, 16, 77), (3, 12, 8, 20)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add sync cost, and stall when workers share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random: norm scales around 1, biases around 0, weights ~ 1/sqrt(fan_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
+                if module.bias is not None:
+                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+
+
+def diffusers_config(cfg: UNetConfig) -> dict:
+    """UNet2DConditionModel kwargs for the same network (its `attention_head_dim` is a head count)."""
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    attn = [d > 0 for d in cfg.transformer_depth]
+    if cfg.num_head_channels is not None:
+        heads = [w // cfg.num_head_channels for w in widths]
+    else:
+        heads = cfg.num_heads
+    assert cfg.transformer_depth_middle == max(cfg.transformer_depth[-1], 1)  # diffusers' mid block rule
+    out = dict(
+        sample_size=16,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        block_out_channels=widths,
+        layers_per_block=cfg.num_res_blocks,
+        cross_attention_dim=cfg.context_dim,
+        attention_head_dim=heads,
+        use_linear_projection=cfg.use_linear_in_transformer,
+        transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
+        norm_num_groups=cfg.norm_num_groups,
+    )
+    if cfg.adm_in_channels is not None:
+        out.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=cfg.adm_in_channels,
+        )
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    cfg = CASES[request.param]
+    ours = UNet(cfg).eval()
+    randomise(ours, seed=1234)
+    dcfg = diffusers_config(cfg)
+    ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(ckpt, dcfg)
+    ref = UNet2DConditionModel(**dcfg).eval()
+    ref.load_state_dict(converted, strict=True)
+    return request.param, cfg, ours, ref
+
+
+def test_norm_settings_match_diffusers(pair):
+    """Every GroupNorm/LayerNorm has the reference's eps and groups (eps barely moves outputs on
+    unit-variance activations, so the forward comparison alone would not notice it)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    _, cfg, ours, ref = pair
+    params = dict(ours.named_parameters())
+    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in params.items()},
+                                            diffusers_config(cfg))
+    ref_name = {v.data_ptr(): k for k, v in converted.items()}  # the converter moves tensors as they are
+    ref_modules = dict(ref.named_modules())
+    checked = 0
+    for name, module in ours.named_modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            other = ref_modules[ref_name[module.weight.data_ptr()].rsplit(".", 1)[0]]
+            assert type(other) is type(module) and other.eps == module.eps, name
+            if isinstance(module, torch.nn.GroupNorm):
+                assert other.num_groups == module.num_groups, name
+            checked += 1
+    assert checked == sum(isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for m in ref.modules())
+
+
+def make_inputs(cfg: UNetConfig, batch: int, height: int, width: int, tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, height, width, generator=gen)
+    t = torch.rand(batch, generator=gen) * 999
+    context = torch.randn(batch, tokens, cfg.context_dim, generator=gen)
+    pooled = time_ids = None
+    if cfg.adm_in_channels is not None:
+        pooled = torch.randn(batch, cfg.adm_in_channels - 6 * 256, generator=gen)
+        # (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels, different per sample.
+        time_ids = torch.randint(0, 160, (batch, 6), generator=gen).float() * 8
+    return x, t, context, pooled, time_ids
+
+
+def run_both(cfg, ours, ref, x, t, context, pooled, time_ids):
+    extra = {}
+    y = None
+    if cfg.adm_in_channels is not None:
+        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        y = sdxl_vector(pooled, time_ids)
+    got = ours(x, t, context, y=y)
+    want = ref(x, t, context, return_dict=False, **extra)[0]
+    return got, want
+
+
+@pytest.mark.parametrize("shape", INPUTS, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_diffusers(pair, shape):
+    name, cfg, ours, ref = pair
+    inputs = make_inputs(cfg, *shape, seed=sum(shape))
+    with torch.no_grad():
+        got, want = run_both(cfg, ours, ref, *inputs)
+    assert got.shape == want.shape == inputs[0].shape
+    assert want.std() > 0.1  # a live network, not a collapsed one
+    assert rel_err(got, want) <= 1e-5, name
+
+
+def test_integer_timesteps_match_diffusers(pair):
+    _, cfg, ours, ref = pair
+    x, _, context, pooled, time_ids = make_inputs(cfg, 2, 8, 12, 77, seed=7)
+    t = torch.tensor([0, 999])
+    with torch.no_grad():
+        got, want = run_both(cfg, ours, ref, x, t, context, pooled, time_ids)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_input_gradients_match_diffusers(pair):
+    """Backward too: gradients reaching the latents and the text context."""
+    _, cfg, ours, ref = pair
+    x, t, context, pooled, time_ids = make_inputs(cfg, 2, 8, 12, 77, seed=11)
+    grads = []
+    for model in (ours, ref):
+        xi, ci = x.clone().requires_grad_(), context.clone().requires_grad_()
+        if model is ours:
+            y = None if pooled is None else sdxl_vector(pooled, time_ids)
+            out = ours(xi, t, ci, y=y)
+        else:
+            extra = {} if pooled is None else {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+            out = ref(xi, t, ci, return_dict=False, **extra)[0]
+        weight = torch.linspace(-1, 1, out.numel()).view_as(out)  # a loss with a non-uniform gradient
+        (out * weight).sum().backward()
+        grads.append((xi.grad, ci.grad))
+    assert rel_err(grads[0][0], grads[1][0]) <= 1e-5
+    assert rel_err(grads[0][1], grads[1][1]) <= 1e-5
+
+
+def test_sdxl_vector_matches_diffusers_add_embedding_input():
+    """y = [pooled | 256-d cos/sin of each time id], as diffusers builds it before add_embedding."""
+    from diffusers.models.embeddings import Timesteps
+
+    gen = torch.Generator().manual_seed(3)
+    pooled = torch.randn(3, 1280, generator=gen)
+    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 8, 1024, 1024], [512, 512, 0, 0, 832, 1216]])
+    proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    want = torch.cat([pooled, proj(time_ids.flatten()).reshape(3, -1)], dim=1)
+    got = sdxl_vector(pooled, time_ids)
+    assert got.shape == (3, 2816)
+    assert rel_err(got, want) <= 1e-6
+    assert sdxl_vector(pooled.bfloat16(), time_ids).dtype == torch.bfloat16
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0.0, 1.0, 17.5, 500.0, 999.0])
+    for dim in (32, 320, 33):
+        want = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        got = timestep_embedding(t, dim)
+        assert got.dtype == torch.float32 and got.shape == (5, dim)
+        assert torch.allclose(got, want, atol=1e-6), dim
+    # Float32 even for half-precision steps (phases of t ~ 1000 need the mantissa).
+    assert timestep_embedding(t.bfloat16(), 8).dtype == torch.float32
