@@ -149,7 +149,15 @@ class LoRAAdapter(nn.Module):
         Dropouts follow kohya: `dropout` on the rank-r activations, `rank_dropout` zeroes whole
         rank channels per sample (rescaled by 1/(1-p)); both only in training mode.
         """
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        u, scale = self.update(x, use_multiplier)
+        return (u * scale).to(out_dtype)
+
+    def update(self, x: torch.Tensor, use_multiplier: bool = True) -> tuple[torch.Tensor, float]:
+        """(up(dropout(down(x))), scale) with the scale not yet applied, so the caller can fold it
+        into an add. The branch runs in float32 unless autocast picks the compute dtype."""
+        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        h = self.lora_down(x)
         scale = self.scale * self.multiplier if use_multiplier else self.scale
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
@@ -161,7 +169,7 @@ class LoRAAdapter(nn.Module):
                 keep = keep[:, :, None, None]
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
-        return (self.lora_up(h) * scale).to(out_dtype)
+        return self.lora_up(h), scale
 
     def dora_input_scale(self, base_weight: torch.Tensor) -> torch.Tensor:
         """c = dora_scale / ||W + s*up@down||_col, shaped to multiply the input: (in,) for Linear
@@ -254,12 +262,22 @@ class _LoRAWrapper(nn.Module):
             y_dora = y_dora + d.branch(xs, y_dora.dtype, use_multiplier=False)
             # Multiplier m interpolates between base and DoRA output, as ComfyUI's strength does.
             y = y_dora if d.multiplier == 1.0 else torch.lerp(self.base_forward(x), y_dora, d.multiplier)
-        else:
-            y = self.base_forward(x)
+            for a in active:
+                if not a.is_dora:
+                    y = y + a.branch(x, y.dtype)
+            return y
+        # Plain adapters: token-major 2-D matmuls and the scale folded into an in-place add keep
+        # the autograd graph small (the base output is not needed by its own backward).
+        shape = x.shape
+        # (rank dropout draws one mask per sample, so it needs the batch axis kept)
+        flat = isinstance(self, LoRALinear) and x.dim() > 2 and not any(a.training and a.rank_dropout > 0 for a in active)
+        if flat:
+            x = x.reshape(-1, shape[-1])
+        y = self.base_forward(x)
         for a in active:
-            if not a.is_dora:
-                y = y + a.branch(x, y.dtype)
-        return y
+            u, scale = a.update(x)
+            y = y.add_(u.to(y.dtype), alpha=scale)
+        return y.view(*shape[:-1], y.shape[-1]) if flat else y
 
     def restore(self) -> nn.Module:
         """The original module with the current Parameters (they may have been re-created by
