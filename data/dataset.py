@@ -15,6 +15,7 @@ A sample (dict):
     crop_top_left   (top, left) in the resized (and flipped) image
     target_size     (h, w) of the bucket
     index, name     dataset index and image path/row label
+    failed          [(record, reason)] of images a DataLoader worker had to replace (only then)
 """
 from __future__ import annotations
 

@@ -252,9 +252,10 @@ def guess_family(modules: dict[str, dict], metadata: dict[str, str] | None = Non
         if re.search(r"mlp[._]fc1$", n) and n.startswith(("lora_te_", "text_encoder.")):
             width = w["down"].shape[1]
             return ({768: "sd15", 1024: "sd2"}.get(width, "sd1or2"), "it has one text encoder (lora_te_ keys)")
-    base = (metadata or {}).get("ss_base_model_version", "")
-    if base.startswith("sdxl"):
-        return "sdxl", f"its metadata says ss_base_model_version={base}"
+    base = (metadata or {}).get("ss_base_model_version", "")  # kohya: sd_v1, sd_v2_512, sdxl_base_v1-0, ...
+    for prefix, family in (("sdxl", "sdxl"), ("sd_v1", "sd15"), ("sd_v2", "sd2")):
+        if base.startswith(prefix):
+            return family, f"its metadata says ss_base_model_version={base}"
     return None, "no family-specific keys"
 
 

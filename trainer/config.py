@@ -275,6 +275,9 @@ def _coerce(tp, value, key: str):
             raise errors[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: `mixed_precision: no`
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in args if isinstance(a, str) and a in words), value)
         if value in args and type(value) in {type(a) for a in args}:
             return value
         hint = _suggest(value, [str(a) for a in args]) if isinstance(value, str) else ""

@@ -62,6 +62,9 @@ def _check_model(cfg: Config) -> None:
     m = cfg.model
     if m.family is not None:
         _choice("model.family", m.family, FAMILY_NAMES)
+        if m.source in FAMILY_NAMES and m.family != m.source:
+            _fail("model.family", f"{m.family!r} contradicts model.source={m.source!r} (a family name); drop "
+                  "model.family or make them equal")
     for key, value in (("model.source", m.source), ("model.vae", m.vae)):
         if value is None or value in FAMILY_NAMES or _is_hub_id(value):
             continue

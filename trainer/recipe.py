@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -169,9 +170,7 @@ class LoRATrainingRecipe:
                     shutil.rmtree(ckpt_dir)
                     shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.run_dir / ".write-test"
-                probe.write_text("")
-                probe.unlink()
+                tempfile.TemporaryFile(dir=self.run_dir).close()  # can we write there?
             except OSError as exc:
                 raise TrainingError(f"cannot write to the run directory {self.run_dir} ({exc.strerror or exc}); make "
                                     "it writable or set output.dir to another folder") from None
@@ -350,8 +349,7 @@ class LoRATrainingRecipe:
                 last = at == t.max_steps
                 if at % t.log_every == 0 or last:
                     self._flush_logs()
-                # Exports and images come before the checkpoint of their step, so that a run killed
-                # while writing them resumes from an earlier checkpoint and writes them again.
+                # Exports and images before the step's checkpoint: a kill while writing them is redone on resume.
                 if t.export_every and at % t.export_every == 0 and not last:
                     self._export(self.run_dir / f"{cfg.output.name}-step{at:08d}.safetensors")
                 if cfg.sample.prompts and cfg.sample.every and at % cfg.sample.every == 0 and not last:
@@ -414,8 +412,7 @@ class LoRATrainingRecipe:
                 loss = self._loss(batch, index)
                 acc.backward(loss)
             losses.append(loss.detach())
-        # The norm is needed every step, clipping or not: a non-finite gradient must be caught at the
-        # step that makes it, before checkpoints can save the weights the optimizer wrote from it.
+        # Every step, clipping or not: a non-finite gradient must be caught before a checkpoint saves its result.
         grad_norm = acc.clip_grad_norm_(self.trainable, t.max_grad_norm or math.inf)
         self.optimizer.step()
         self.scheduler.step()
