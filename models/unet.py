@@ -249,18 +249,19 @@ class UNet(nn.Module):
         self.output_blocks = nn.ModuleList(blocks)
 
         self.out = nn.Sequential(
-            nn.GroupNorm(groups, ch, eps=1e-5, **fk), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1, **fk)
+            nn.GroupNorm(groups, ch, eps=1e-5, **fk), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1, **fk)
         )
         self._checkpointing = None
 
     # -- properties -------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.input_blocks[0][0].weight.dtype
+        """dtype of the parameters (of the first one; a UNet is kept in one dtype)."""
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.input_blocks[0][0].weight.device
+        return next(self.parameters()).device
 
     @property
     def gradient_checkpointing(self) -> str | None:
@@ -296,8 +297,8 @@ class UNet(nn.Module):
         factor = 2 ** (len(c.channel_mult) - 1)
         if hgt % factor or wid % factor:
             raise ValueError(
-                f"UNet: latent size {hgt}x{wid} must be a multiple of {factor} (pixels: {8 * factor}); "
-                "resize or crop the images"
+                f"UNet: latent size {hgt}x{wid} must be a multiple of {factor} (images: of {8 * factor} pixels "
+                "with the SD VAEs); resize or crop the images"
             )
         if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.context_dim:
             got = None if context is None else tuple(context.shape)
@@ -323,6 +324,8 @@ class UNet(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         timesteps = self._check_inputs(x, timesteps, context, y)
+        # The network computes in x's dtype (the parameters' dtype, or autocast's); only the
+        # sinusoidal embedding is built in float32 first.
         dtype = x.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if y is not None:

@@ -1,0 +1,599 @@
+"""`python -m trainer bench`: LoRA training throughput, optionally against diffusers + PEFT.
+
+    python -m trainer bench --family tiny-sdxl --res 256 --batch 2 --steps 10 --compare diffusers
+    python -m trainer bench --family sdxl --batch 4 --dtype bf16 --compare diffusers        # on a GPU
+    python -m trainer bench --family sdxl --batch 1 --checkpointing --what train,load,data,sample
+
+Sections (``--what``, comma-separated):
+
+- ``train``: our UNet with random weights (no download) and a fresh LoRA (``--preset``, ``--rank``)
+  trains on fixed random inputs (cached latents and text embeddings, so no VAE or text encoder
+  runs): warm-up steps, then timed steps of forward, MSE loss, backward and AdamW (fused kernel).
+  With ``--compare diffusers`` the same weights go into diffusers' UNet2DConditionModel (through
+  diffusers' own ``convert_ldm_unet_checkpoint``) with a PEFT LoRA on the same modules and the same
+  adapter weights; both live in this process and their timed steps alternate (A B, B A, A B, ...),
+  so that machine load hits both alike. The table gives s/step (median), images/s, achieved
+  TFLOP/s (UNet forward FLOPs counted once with FlopCounterMode; a training step counts 3x
+  forward, 4x with ``--checkpointing``), % of ``--peak-tflops`` and peak memory.
+- ``load``: checkpoint load time and peak RSS (``trainer.bench_load``: a random fp16 single-file
+  checkpoint of the family is written to a temporary folder and loaded to the CPU; SDXL: ~6.9 GB),
+  or, without that module, ``build_model`` on meta + materialise + random-init times.
+- ``data``: data-pipeline images/s (``data.bench.benchmark_pipeline``).
+- ``sample``: sampler s/step with classifier-free guidance (``trainer.pipeline.benchmark_sampling``).
+
+CUDA is synchronised only around timed regions; the training step reads nothing back to the host.
+diffusers and PEFT are benchmark-only dependencies, imported only under ``--compare diffusers``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SECTIONS = ("train", "load", "data", "sample")
+H100_BF16_DENSE_TFLOPS = 989.0
+"""Default peak on CUDA: H100 SXM dense bf16 tensor-core TFLOP/s (no sparsity)."""
+GIB = 1024**3
+DATA_WORKERS = 2
+"""DataLoader worker processes in the data section (as in training on one GPU)."""
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments or a missing optional dependency; printed as one `error:` line."""
+
+    user_facing = True
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark and how (one field per command-line flag)."""
+
+    family: str = "sdxl"
+    """Model family (`models.FAMILIES`): sdxl, sd15, sd2, tiny-sdxl, tiny-sd15."""
+    res: int | None = None
+    """Image side in pixels (latents are res/8); None = the family's native resolution."""
+    batch: int = 1
+    """Images per training step."""
+    steps: int = 10
+    """Timed steps per model (after warm-up); the median step time is reported."""
+    warmup: int = 2
+    """Untimed steps per model first (allocator, cuDNN autotuning, torch.compile)."""
+    checkpointing: bool = False
+    """Gradient checkpointing in both models (training FLOPs then count 4x forward)."""
+    dtype: str | None = None
+    """Base weight dtype, bf16 | fp16 | fp32 (None: bf16 on CUDA, fp32 on CPU). LoRA weights are
+    always fp32; with bf16/fp16 the forward runs under autocast, as in training."""
+    rank: int = 16
+    """LoRA rank (alpha = rank)."""
+    preset: str = "kohya"
+    """LoRA target preset of `models.inject_lora` (attn, kohya, locon)."""
+    compare: str | None = None
+    """`diffusers`: also train diffusers' UNet2DConditionModel + PEFT LoRA, interleaved."""
+    compile: bool = False
+    """torch.compile every transformer block (both models)."""
+    channels_last: bool = False
+    """Channels-last weights and latents (both models)."""
+    what: tuple[str, ...] = ("train",)
+    """Sections to run, see SECTIONS."""
+    device: str | None = None
+    """cuda | cpu (None: cuda when available)."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s for the % column (None: 989 on CUDA, none on CPU)."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    seed: int = 0
+    """Seed of weights and inputs."""
+    data_images: int = 32
+    """Images generated for the data section."""
+    sample_steps: int = 10
+    """Sampler steps timed in the sample section."""
+    json: str | None = None
+    """Also write every figure to this JSON file."""
+
+
+# ==================================================================================== CLI ==
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in SECTIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {bad or text!r}; choose from {','.join(SECTIONS)}")
+    return names
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        if int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return int(text)
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.bundle import FAMILIES
+    from models.lora import UNET_PRESETS
+
+    a = parser.add_argument
+    a("--family", default="sdxl", choices=list(FAMILIES), help="model family (random weights; default sdxl)")
+    a("--res", type=_at_least(1), default=None, help="image side in pixels (default: the family's native size)")
+    a("--batch", type=_at_least(1), default=1, help="images per step (default 1)")
+    a("--steps", type=_at_least(1), default=10, help="timed steps per model (default 10)")
+    a("--warmup", type=_at_least(0), default=2, help="untimed warm-up steps per model (default 2)")
+    a("--checkpointing", action="store_true", help="gradient checkpointing")
+    a("--dtype", choices=list(DTYPES), default=None, help="base weight dtype (default bf16 on CUDA, fp32 on CPU)")
+    a("--rank", type=_at_least(1), default=16, help="LoRA rank (default 16)")
+    a("--preset", choices=list(UNET_PRESETS), default="kohya", help="LoRA target modules (default kohya)")
+    a("--compare", choices=["diffusers"], default=None, help="also time diffusers' UNet + PEFT LoRA")
+    a("--compile", action="store_true", help="torch.compile the transformer blocks")
+    a("--channels-last", action="store_true", help="channels-last memory format")
+    a("--what", type=_sections, default=("train",), help=f"sections, comma-separated: {','.join(SECTIONS)}")
+    a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    a("--peak-tflops", type=float, default=None,
+      help=f"peak for the %% column (default {H100_BF16_DENSE_TFLOPS:g} = H100 bf16 dense on CUDA; n/a on CPU)")
+    a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    a("--seed", type=int, default=0)
+    a("--data-images", type=_at_least(1), default=32, help="images generated for the data section (default 32)")
+    a("--sample-steps", type=_at_least(1), default=10, help="sampler steps for the sample section (default 10)")
+    a("--json", default=None, metavar="FILE", help="also write all figures to FILE as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
+    try:
+        results = run_benchmarks(cfg)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.json:
+        with open(cfg.json, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2, default=str)
+    return 0
+
+
+# ============================================================================= environment ==
+def _resolve(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is visible; drop --device or use --device cpu")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype_name == "fp16" and device.type != "cuda":
+        raise BenchError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU")
+    return device, DTYPES[dtype_name]
+
+
+def machine_description(device: torch.device) -> str:
+    """One line naming the hardware: GPU name, or the CPU model from /proc/cpuinfo and its cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
+            f"(torch {torch.__version__}, load average {os.getloadavg()[0]:.1f})")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # the only host syncs: around timed regions
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM, which `measure_peak` resets)."""
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes held by a model's parameters/buffers and its optimizer state (shared storages once)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                for t in tensors if t.device.type != "meta"}
+    return sum(storages.values())
+
+
+# ================================================================================== train ==
+@dataclass
+class Contender:
+    """One model being trained: fixed inputs bound in `forward`, its LoRA optimizer, its timings."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[[], torch.Tensor]
+    """Runs the UNet on the bench inputs: () -> prediction (B, 4, h, w)."""
+    target: torch.Tensor
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    lora_params: int
+    lora_modules: int
+    times: list[float] = field(default_factory=list)
+    """Wall-clock seconds of each timed step."""
+    cpu_times: list[float] = field(default_factory=list)
+    """CPU seconds of this process (all threads) in each timed step: on a shared machine this
+    varies less than wall time with the other load."""
+    peak_bytes: int | None = None
+
+    def step(self) -> None:
+        """One training step: forward (autocast), fp32 MSE, backward, optimizer step. No host sync."""
+        with self.autocast():
+            pred = self.forward()
+        F.mse_loss(pred.float(), self.target).backward()
+        self.optimizer.step()
+        # Gradients freed after the step, so that a model waiting its turn holds no gradient memory.
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _optimizer(params: list[torch.Tensor], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel (CUDA; CPU since torch 2.4: ~4x faster there than
+    the per-parameter loop that is torch's CPU default), else torch's default implementation."""
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+
+
+def make_inputs(unet_config, batch: int, res: int, device, dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Random cached-style inputs: x (B,4,res/8,res/8) latents, timesteps (B,), context (B,77,D),
+    target like x (fp32); SDXL-style configs also pooled (B,P), time_ids (B,6) and y (B,adm)."""
+    from models.unet import sdxl_vector
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, unet_config.in_channels, res // 8, res // 8, generator=g)
+    out = {"x": x, "timesteps": torch.randint(0, 1000, (batch,), generator=g).float(),
+           "context": torch.randn(batch, 77, unet_config.context_dim, generator=g),
+           "target": torch.randn(x.shape, generator=g)}
+    if unet_config.adm_in_channels is not None:
+        out["pooled"] = torch.randn(batch, unet_config.adm_in_channels - 6 * 256, generator=g)
+        out["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]] * batch, dtype=torch.float32)
+        out["y"] = sdxl_vector(out["pooled"], out["time_ids"])
+    for k, v in out.items():
+        keep_fp32 = k in ("timesteps", "target", "time_ids")
+        out[k] = v.to(device=device, dtype=None if keep_fp32 else dtype)
+    return out
+
+
+def _check_size(cfg: BenchConfig, unet_config) -> int:
+    from models.bundle import family_spec
+
+    res = cfg.res or family_spec(cfg.family).resolution
+    factor = 8 * 2 ** (len(unet_config.channel_mult) - 1)
+    if res % factor:
+        raise BenchError(f"--res {res}: {cfg.family} needs a multiple of {factor} pixels")
+    return res
+
+
+def build_ours(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
+    """Our UNet (random weights, on `device` in `dtype`) in a bundle whose other parts stay on meta
+    (training from cached latents and embeddings needs neither VAE nor text encoders), with a LoRA.
+
+    Returns (bundle, network). LoRA up weights get small random values instead of zeros so that
+    the adapters change the output (the parity check against the reference then covers them).
+    """
+    import models
+    from models.unet import UNet
+
+    bundle = models.build_model(cfg.family, device="meta")
+    torch.manual_seed(cfg.seed)
+    bundle.unet = UNet(bundle.unet.config, device=device, dtype=dtype)
+    network = models.inject_lora(bundle, unet=cfg.preset, rank=cfg.rank)
+    with torch.no_grad():
+        for adapter in network.adapters().values():
+            nn.init.normal_(adapter.lora_up.weight, std=0.02)
+    return bundle, network
+
+
+def _prepare(model: nn.Module, cfg: BenchConfig) -> None:
+    model.train()  # our checkpointing applies in training mode only; dropout is 0 in every preset
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place: parameter names stay the same
+        for module in model.modules():
+            if type(module).__name__ == "BasicTransformerBlock":
+                module.compile()
+
+
+def ours_contender(cfg, bundle, network, inputs, device, autocast) -> Contender:
+    unet = bundle.unet
+    if cfg.checkpointing:
+        unet.set_gradient_checkpointing(True)
+    _prepare(unet, cfg)
+    params = [p for g in network.param_groups(1e-4) for p in g["params"]]
+    x, ts, ctx, y = inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y")
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return Contender("ours (lorasmith)", unet, _optimizer(params, device), lambda: unet(x, ts, ctx, y),
+                     inputs["target"], autocast, sum(p.numel() for p in params), len(network.adapters()))
+
+
+# ---- reference: diffusers + PEFT (benchmark-only dependencies, imported here only) -----------
+def build_reference(unet, network) -> nn.Module:
+    """diffusers' UNet2DConditionModel with `unet`'s weights (copies, strict load) and a PEFT LoRA
+    on the modules `network` adapts, holding the same adapter weights (fp32, scale folded in B)."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        from trainer.bench_unet import _import_single_file_utils, diffusers_unet_config
+
+        sfu = _import_single_file_utils()
+        from diffusers import UNet2DConditionModel
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise BenchError(f"--compare diffusers needs diffusers and peft ({exc}); "
+                         "install them with: pip install 'lorasmith[test]'") from None
+    dcfg = diffusers_unet_config(unet.config)
+    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    converted = {k: v.detach().clone() for k, v in sfu.convert_ldm_unet_checkpoint(state, dcfg).items()}
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**dcfg)
+    ref.load_state_dict(converted, strict=True, assign=True)  # strict: every tensor comes from ours
+    ref.requires_grad_(False)
+
+    refs = network.refs()
+    paths = {name: refs[name].peft.removeprefix("unet.") for name in network.adapters()}
+    missing = [refs[n].path for n, p in paths.items() if refs[n].peft is None]
+    if missing:
+        raise BenchError(f"--compare diffusers: diffusers' UNet has no module for {missing[:3]}; use --preset kohya")
+    # PEFT matches `target_modules` as a regex on full module paths: exactly our preset's modules.
+    pattern = "|".join(re.escape(p) for p in sorted(paths.values()))
+    ref.add_adapter(LoraConfig(r=network.config.rank, lora_alpha=network.config.rank, target_modules=pattern,
+                               lora_dropout=0.0, init_lora_weights=True))
+    with torch.no_grad():
+        for name, adapter in network.adapters().items():
+            layer = ref.get_submodule(paths[name])
+            a_w, b_w = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            layer.lora_A["default"].weight = nn.Parameter(adapter.lora_down.weight.detach().clone().reshape(a_w.shape))
+            scaled = adapter.lora_up.weight.detach() * (adapter.scale / layer.scaling["default"])
+            layer.lora_B["default"].weight = nn.Parameter(scaled.clone().reshape(b_w.shape))
+    return ref
+
+
+def reference_contender(cfg, unet, network, inputs, device, autocast) -> tuple[Contender, float]:
+    """The diffusers + PEFT contender, and the relative difference of its first output from ours."""
+    ref = build_reference(unet, network)
+    if cfg.checkpointing:
+        ref.enable_gradient_checkpointing()
+    params = [p for n, p in ref.named_parameters() if "lora_" in n]
+    extra = {}
+    if "pooled" in inputs:
+        extra["added_cond_kwargs"] = {"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}
+    x, ts, ctx = inputs["x"], inputs["timesteps"], inputs["context"]
+    with torch.no_grad(), autocast():
+        ours_out = unet(x, ts, ctx, inputs.get("y")).float()
+        ref_out = ref(x, ts, ctx, return_dict=False, **extra)[0].float()
+    rel = ((ours_out - ref_out).norm() / ref_out.norm()).item()
+    _prepare(ref, cfg)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    contender = Contender("diffusers+PEFT", ref, _optimizer(params, device),
+                          lambda: ref(x, ts, ctx, return_dict=False, **extra)[0], inputs["target"], autocast,
+                          sum(p.numel() for p in params), sum(1 for n, _ in ref.named_modules() if n.endswith("lora_A")))
+    return contender, rel
+
+
+# ---- FLOPs, timing, memory -------------------------------------------------------------------
+def forward_flops(cfg: BenchConfig, res: int) -> int:
+    """FLOPs of one UNet+LoRA forward at batch 1, counted by FlopCounterMode on a meta copy
+    (no memory, no compute; attention counted as its matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+
+    bundle = models.build_model(cfg.family, device="meta")
+    models.inject_lora(bundle, unet=cfg.preset, rank=cfg.rank)
+    inputs = make_inputs(bundle.unet.config, 1, res, "meta", torch.float32, cfg.seed)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        bundle.unet(inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"))
+    return int(counter.get_total_flops())
+
+
+def _timed_step(c: Contender, device: torch.device) -> None:
+    _sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    c.step()
+    _sync(device)
+    c.times.append(time.perf_counter() - start)
+    c.cpu_times.append(time.process_time() - cpu)
+
+
+def measure_peak(c: Contender, device: torch.device, others: list[Contender]) -> None:
+    """Peak memory of one step of `c`, less the resident memory (weights, LoRA, optimizer state)
+    of the other models held in the process: CUDA max_memory_allocated, or peak RSS on CPU."""
+    held = sum(resident_bytes(o.model, o.optimizer) for o in others)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        c.step()
+        _sync(device)
+        c.peak_bytes = torch.cuda.max_memory_allocated(device) - held
+    else:  # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
+            fh.write("5")
+        c.step()
+        c.peak_bytes = peak_rss_bytes() - held
+
+
+def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    bundle, network = build_ours(cfg, device, dtype)
+    res = _check_size(cfg, bundle.unet.config)
+    inputs = make_inputs(bundle.unet.config, cfg.batch, res, device, dtype, cfg.seed)
+    amp = dtype != torch.float32
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
+
+    contenders = [ours_contender(cfg, bundle, network, inputs, device, autocast)]
+    for _ in range(cfg.warmup):
+        contenders[0].step()
+    measure_peak(contenders[0], device, [])  # before the reference exists: the cleanest figure
+    parity = None
+    if cfg.compare == "diffusers":
+        ref, parity = reference_contender(cfg, bundle.unet, network, inputs, device, autocast)
+        for _ in range(cfg.warmup):
+            ref.step()
+        measure_peak(ref, device, contenders)
+        contenders.append(ref)
+    for i in range(cfg.steps):
+        # A B, B A, A B, ...: each model runs first and second equally often.
+        for c in contenders if i % 2 == 0 else contenders[::-1]:
+            _timed_step(c, device)
+
+    fwd = forward_flops(cfg, res) * cfg.batch
+    factor = 4 if cfg.checkpointing else 3
+    peak = cfg.peak_tflops if cfg.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
+    rows = []
+    for c in contenders:
+        s = statistics.median(c.times)
+        tflops = factor * fwd / s / 1e12
+        rows.append({"model": c.name, "s_per_step": s, "images_per_s": cfg.batch / s,
+                     "cpu_s_per_step": statistics.median(c.cpu_times), "tflops": tflops, "pct_peak": None if peak is None else 100 * tflops / peak,
+                     "peak_mem_gib": None if c.peak_bytes is None else c.peak_bytes / GIB,
+                     "lora_params": c.lora_params, "lora_modules": c.lora_modules, "times": c.times,
+                     "cpu_times": c.cpu_times})
+    out = {"family": cfg.family, "res": res, "batch": cfg.batch, "dtype": str(dtype).replace("torch.", ""),
+           "rank": cfg.rank, "preset": cfg.preset, "checkpointing": cfg.checkpointing, "compile": cfg.compile,
+           "channels_last": cfg.channels_last, "forward_gflop": fwd / 1e9, "flop_factor": factor,
+           "peak_tflops": peak, "rows": rows, "parity_rel_diff": parity,
+           "fused_adamw": bool(contenders[0].optimizer.defaults.get("fused"))}
+    if len(rows) == 2:
+        out["ratio_step_time"] = rows[0]["s_per_step"] / rows[1]["s_per_step"]
+        out["ratio_cpu_time"] = rows[0]["cpu_s_per_step"] / rows[1]["cpu_s_per_step"]
+    return out
+
+
+def print_train(r: dict, device: torch.device) -> None:
+    cpu = device.type == "cpu"
+    first = r["rows"][0]
+    print(f"LoRA training, {r['family']} {r['res']}x{r['res']} px (latent {r['res'] // 8}^2), batch {r['batch']}, "
+          f"{r['dtype']}, rank {r['rank']} {r['preset']} ({first['lora_modules']} modules, "
+          f"{first['lora_params'] / 1e6:.2f}M params), AdamW{' fused' if r['fused_adamw'] else ''}"
+          f"{', checkpointing' if r['checkpointing'] else ''}{', compile' if r['compile'] else ''}"
+          f"{', channels-last' if r['channels_last'] else ''}")
+    peak = "n/a" if r["peak_tflops"] is None else f"{r['peak_tflops']:g}"
+    print(f"UNet+LoRA forward {r['forward_gflop']:.3f} GFLOP/step; step = {r['flop_factor']}x forward; "
+          f"peak {peak} TFLOP/s; median of {len(first['times'])} steps")
+    head = f"{'model':<18}{'s/step':>10}{'images/s':>10}{'TFLOP/s':>10}{'% peak':>8}"
+    print(head + (f"{'CPU s/step':>12}  peak RSS GiB" if cpu else "  peak GiB (allocated)"))
+    for row in r["rows"]:
+        pct = "n/a" if row["pct_peak"] is None else f"{row['pct_peak']:.1f}"
+        gib = "n/a" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.3f}"
+        line = f"{row['model']:<18}{row['s_per_step']:>10.4f}{row['images_per_s']:>10.2f}{row['tflops']:>10.4g}{pct:>8}"
+        print(line + (f"{row['cpu_s_per_step']:>12.4f}  {gib}" if cpu else f"  {gib}"))
+    if "ratio_step_time" in r:
+        ratio = r["ratio_step_time"]
+        extra = f", CPU time {r['ratio_cpu_time']:.3f}" if cpu else ""
+        print(f"ours/diffusers: step time {ratio:.3f}{extra} (throughput {1 / ratio:.2f}x); "
+              f"output rel. diff {r['parity_rel_diff']:.1e} (same weights, LoRA and inputs)")
+        print("peak memory of diffusers+PEFT excludes our model's weights, LoRA and optimizer state"
+              + ("; CPU peak RSS is process-wide (Python, libraries, allocator caches)" if cpu else ""))
+
+
+# ===================================================================== other sections ==
+def bench_load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    """Checkpoint load time and peak memory via `trainer.bench_load` (a random fp16 single-file
+    checkpoint of the family is written to a temporary folder, then loaded to the CPU in this
+    process), or, without that module, build_model on meta + materialise + random-init times."""
+    try:
+        from trainer import bench_load as loader_bench
+    except ImportError:
+        loader_bench = None
+    if loader_bench is not None and hasattr(loader_bench, "generate") and hasattr(loader_bench, "measure"):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(prefix="lorasmith-bench-load-") as tmp:
+            t0 = time.perf_counter()
+            source = loader_bench.generate("single-file", Path(tmp), cfg.family)
+            written = time.perf_counter() - t0
+            r = loader_bench.measure(source, "assign")
+            size = source.stat().st_size
+        return {"source": "trainer.bench_load", "file_gib": size / GIB, "write_s": written, "load_s": r["load_s"],
+                "ready_s": r["ready_s"], "peak_rss_increase_gib": (r["peak_rss"] - r["rss_before"]) / GIB,
+                "param_gib": r["param_bytes"] / GIB}
+    import models
+
+    t0 = time.perf_counter()
+    bundle = models.build_model(cfg.family, device="meta", dtype=dtype)
+    t1 = time.perf_counter()
+    for module in bundle.modules().values():
+        module.to_empty(device=device)
+    _sync(device)
+    t2 = time.perf_counter()
+    models.build_model(cfg.family, device=device, dtype=dtype, seed=cfg.seed)
+    _sync(device)
+    return {"source": "build_model", "meta_build_s": t1 - t0, "materialise_s": t2 - t1,
+            "random_init_s": time.perf_counter() - t2}
+
+
+def print_load(r: dict) -> None:
+    if r["source"] == "trainer.bench_load":
+        print(f"model load (single-file fp16 {r['file_gib']:.3f} GiB to CPU, page cache warm): load {r['load_s']:.2f} s, "
+              f"ready {r['ready_s']:.2f} s, peak RSS +{r['peak_rss_increase_gib']:.3f} GiB for {r['param_gib']:.3f} GiB")
+    else:
+        print(f"model build (random weights): meta {r['meta_build_s']:.2f} s, materialise {r['materialise_s']:.2f} s, "
+              f"with random init {r['random_init_s']:.2f} s")
+
+
+def bench_data(cfg: BenchConfig) -> dict:
+    from data.bench import benchmark_pipeline
+    from models.bundle import family_spec
+
+    res = cfg.res or family_spec(cfg.family).resolution
+    return benchmark_pipeline(n=cfg.data_images, res=res, num_workers=DATA_WORKERS, batch_size=cfg.batch)
+
+
+def print_data(r: dict) -> None:
+    print(f"data pipeline ({r['n']} images at {r['res']} px, batch {r['batch_size']}, {r['workers']} workers): "
+          f"decode+transform {r['decode_img_s']:.2f} img/s ({r['per_core_img_s']:.2f} per core), "
+          f"cached latents {r['cached_latents_img_s']:.2f} img/s; goal {r['goal_img_s']} img/s")
+
+
+def bench_sample(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    import models
+    from trainer.pipeline import benchmark_sampling
+
+    bundle = models.build_model(cfg.family, device=device, dtype=dtype, seed=cfg.seed)
+    res = _check_size(cfg, bundle.unet.config)
+    return benchmark_sampling(bundle, steps=cfg.sample_steps, width=res, height=res, batch=cfg.batch)
+
+
+def print_sample(r: dict) -> None:
+    print(f"sampling ({r['sampler']}, cfg {r['cfg']}, {r['width']}x{r['height']}, batch {r['batch']}, "
+          f"{r['dtype']}): {r['s_per_step']:.4f} s/step ({r['steps_per_s']:.2f} steps/s); "
+          f"text encode {r['encode_s']:.3f} s, VAE decode {r['decode_s']:.3f} s")
+
+
+def run_benchmarks(cfg: BenchConfig) -> dict:
+    """Run the selected sections, print their tables, return every figure (JSON-serialisable)."""
+    device, dtype = _resolve(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    results: dict = {"machine": machine_description(device), "device": str(device), "config": asdict(cfg)}
+    print(f"machine: {results['machine']}")
+    sections = {"train": (lambda: bench_train(cfg, device, dtype), lambda r: print_train(r, device)),
+                "load": (lambda: bench_load(cfg, device, dtype), print_load),
+                "data": (lambda: bench_data(cfg), print_data),
+                "sample": (lambda: bench_sample(cfg, device, dtype), print_sample)}
+    for name in SECTIONS:
+        if name in cfg.what:
+            measure, show = sections[name]
+            results[name] = measure()
+            show(results[name])
+    return results
