@@ -10,7 +10,8 @@ part of a single-file checkpoint with that prefix removed.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from models.unet_blocks import (
     timestep_embedding,
 )
 
-__all__ = ["UNetConfig", "UNet", "sdxl_vector", "timestep_embedding", "SDXL_SIZE_EMBED_DIM"]
+__all__ = ["PRESETS", "SDXL_SIZE_EMBED_DIM", "UNet", "UNetConfig", "sdxl_vector", "timestep_embedding"]
 
 SDXL_SIZE_EMBED_DIM = 256
 """Width of the sinusoidal embedding of each SDXL size/crop conditioning value."""
@@ -33,7 +34,7 @@ SDXL_SIZE_EMBED_DIM = 256
 
 @dataclass
 class UNetConfig:
-    """Architecture of the UNet. Presets: ``UNetConfig.preset(name)``, see ``UNetConfig.PRESETS``."""
+    """Architecture of the UNet. Presets: ``UNetConfig.preset(name)``, names in ``PRESETS``."""
 
     in_channels: int = 4
     """Latent channels in (4 for the SD VAEs)."""
@@ -64,8 +65,6 @@ class UNetConfig:
     """GroupNorm groups in ResBlocks, SpatialTransformers and the output norm."""
     dropout: float = 0.0
     """Dropout probability in ResBlocks and transformer blocks (0 in all released models)."""
-
-    PRESETS = {}  # filled below the class: name -> dict of field values
 
     def __post_init__(self):
         # YAML/JSON give lists; the config is compared and hashed as tuples.
@@ -119,47 +118,42 @@ class UNetConfig:
                 bad("num_heads", f"must divide every level width; {ch} is not divisible")
 
     @classmethod
-    def preset(cls, name: str) -> "UNetConfig":
+    def preset(cls, name: str) -> UNetConfig:
         """The config of a released model ("sd15", "sd2", "sdxl") or a test-size one ("tiny-*")."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown UNet preset {name!r}; valid presets: {', '.join(sorted(cls.PRESETS))}")
-        return cls(**cls.PRESETS[name])
+        if name not in PRESETS:
+            raise ValueError(f"unknown UNet preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        return cls(**PRESETS[name])
 
-    def replace(self, **changes) -> "UNetConfig":
+    def replace(self, **changes) -> UNetConfig:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
 
-UNetConfig.PRESETS.update(
-    {
-        "sd15": dict(
-            model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, transformer_depth=(1, 1, 1, 0),
-            transformer_depth_middle=1, num_heads=8, num_head_channels=None, context_dim=768,
-            use_linear_in_transformer=False, adm_in_channels=None,
-        ),
-        "sd2": dict(
-            model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, transformer_depth=(1, 1, 1, 0),
-            transformer_depth_middle=1, num_heads=None, num_head_channels=64, context_dim=1024,
-            use_linear_in_transformer=True, adm_in_channels=None,
-        ),
-        "sdxl": dict(
-            model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 10),
-            transformer_depth_middle=10, num_heads=None, num_head_channels=64, context_dim=2048,
-            use_linear_in_transformer=True, adm_in_channels=2816,
-        ),
-        "tiny-sd15": dict(
-            model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
-            transformer_depth_middle=1, num_heads=2, num_head_channels=None, context_dim=32,
-            use_linear_in_transformer=False, adm_in_channels=None,
-        ),
-        # adm 1600 = 64 pooled text + 6 * 256 size/crop embeddings.
-        "tiny-sdxl": dict(
-            model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
-            transformer_depth_middle=2, num_heads=None, num_head_channels=16, context_dim=96,
-            use_linear_in_transformer=True, adm_in_channels=1600,
-        ),
-    }
-)
+_SD_BASE = {
+    "model_channels": 320, "channel_mult": (1, 2, 4, 4), "num_res_blocks": 2, "transformer_depth": (1, 1, 1, 0),
+    "transformer_depth_middle": 1, "adm_in_channels": None,
+}
+_TINY_BASE = {"model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1}
+
+PRESETS = MappingProxyType({
+    "sd15": {**_SD_BASE, "num_heads": 8, "num_head_channels": None, "context_dim": 768,
+             "use_linear_in_transformer": False},
+    "sd2": {**_SD_BASE, "num_heads": None, "num_head_channels": 64, "context_dim": 1024,
+            "use_linear_in_transformer": True},
+    "sdxl": {
+        "model_channels": 320, "channel_mult": (1, 2, 4), "num_res_blocks": 2, "transformer_depth": (0, 2, 10),
+        "transformer_depth_middle": 10, "num_heads": None, "num_head_channels": 64, "context_dim": 2048,
+        "use_linear_in_transformer": True, "adm_in_channels": 2816,
+    },
+    "tiny-sd15": {**_TINY_BASE, "transformer_depth": (1, 1, 0), "transformer_depth_middle": 1, "num_heads": 2,
+                  "num_head_channels": None, "context_dim": 32, "use_linear_in_transformer": False,
+                  "adm_in_channels": None},
+    # adm 1600 = 64 pooled text + 6 * 256 size/crop embeddings.
+    "tiny-sdxl": {**_TINY_BASE, "transformer_depth": (0, 1, 2), "transformer_depth_middle": 2, "num_heads": None,
+                  "num_head_channels": 16, "context_dim": 96, "use_linear_in_transformer": True,
+                  "adm_in_channels": 1600},
+})
+"""UNetConfig field values of each preset name."""
 
 
 def sdxl_vector(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
@@ -319,7 +313,7 @@ class UNet(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        timesteps: torch.Tensor | float | int,
+        timesteps: torch.Tensor | float,
         context: torch.Tensor,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -17,16 +17,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "timestep_embedding",
-    "ResBlock",
-    "CrossAttention",
     "GEGLU",
-    "FeedForward",
     "BasicTransformerBlock",
-    "SpatialTransformer",
+    "CrossAttention",
     "Downsample",
-    "Upsample",
+    "FeedForward",
+    "ResBlock",
+    "SpatialTransformer",
     "TimestepEmbedSequential",
+    "Upsample",
+    "timestep_embedding",
 ]
 
 

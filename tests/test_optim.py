@@ -68,8 +68,11 @@ def test_torch_optimizers_step(name, cls):
     assert not torch.equal(before, p[0])
 
 
-def test_fused_adamw_only_on_cuda():
+def test_fused_adamw_on_cpu_and_foreach_for_mixed_devices():
     opt = build_optimizer(param_groups(_params(1), [], _cfg()), _cfg())
+    assert opt.defaults.get("fused")
+    mixed = [torch.nn.Parameter(torch.randn(2, 2)), torch.nn.Parameter(torch.randn(2, 2, device="meta"))]
+    opt = build_optimizer(param_groups(mixed, [], _cfg()), _cfg())
     assert not opt.defaults.get("fused")
 
 

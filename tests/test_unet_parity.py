@@ -64,20 +64,20 @@ def diffusers_config(cfg: UNetConfig) -> dict:
     else:
         heads = cfg.num_heads
     assert cfg.transformer_depth_middle == max(cfg.transformer_depth[-1], 1)  # diffusers' mid block rule
-    out = dict(
-        sample_size=16,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        block_out_channels=widths,
-        layers_per_block=cfg.num_res_blocks,
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=heads,
-        use_linear_projection=cfg.use_linear_in_transformer,
-        transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
-        norm_num_groups=cfg.norm_num_groups,
-    )
+    out = {
+        "sample_size": 16,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": widths,
+        "layers_per_block": cfg.num_res_blocks,
+        "cross_attention_dim": cfg.context_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": cfg.use_linear_in_transformer,
+        "transformer_layers_per_block": [max(d, 1) for d in cfg.transformer_depth],
+        "norm_num_groups": cfg.norm_num_groups,
+    }
     if cfg.adm_in_channels is not None:
         out.update(
             addition_embed_type="text_time",
@@ -215,3 +215,12 @@ def test_timestep_embedding_matches_diffusers():
         assert torch.allclose(got, want, atol=1e-6), dim
     # Float32 even for half-precision steps (phases of t ~ 1000 need the mantissa).
     assert timestep_embedding(t.bfloat16(), 8).dtype == torch.float32
+
+
+def test_bench_builds_matching_reference():
+    """trainer.bench_unet times the same network on both sides: its diffusers copy must agree."""
+    from trainer.bench_unet import compare
+
+    result = compare("tiny-sdxl", batch=1, res=8, steps=1, warmup=0)
+    assert result["rel_err"] <= 1e-5
+    assert result["ours_s"] > 0 and result["diffusers_s"] > 0 and result["params"] == 2_286_180

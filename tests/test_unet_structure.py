@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from models.unet import UNet, UNetConfig, sdxl_vector
 from models.unet_blocks import (
+    GEGLU,
     BasicTransformerBlock,
     CrossAttention,
     Downsample,
     FeedForward,
-    GEGLU,
     ResBlock,
     SpatialTransformer,
     Upsample,
@@ -58,8 +58,8 @@ def test_parameter_counts():
     assert sum(p.numel() for p in UNet(UNetConfig.preset("sdxl"), device="meta").parameters()) == 2_567_463_684
     # SD1.5 and SD2 against diffusers' own model of the released configs, built on meta.
     released = {
-        "sd15": dict(cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False),
-        "sd2": dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+        "sd15": {"cross_attention_dim": 768, "attention_head_dim": 8, "use_linear_projection": False},
+        "sd2": {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True},
     }
     for preset, extra in released.items():
         with torch.device("meta"):
@@ -125,12 +125,12 @@ def test_unknown_preset_lists_valid_names():
 @pytest.mark.parametrize(
     "changes,field",
     [
-        (dict(transformer_depth=(1, 1)), "transformer_depth"),
-        (dict(num_heads=8, num_head_channels=64), "num_heads"),
-        (dict(norm_num_groups=7), "norm_num_groups"),
-        (dict(num_head_channels=48, num_heads=None), "num_head_channels"),
-        (dict(transformer_depth_middle=0), "transformer_depth_middle"),
-        (dict(channel_mult=()), "channel_mult"),
+        ({"transformer_depth": (1, 1)}, "transformer_depth"),
+        ({"num_heads": 8, "num_head_channels": 64}, "num_heads"),
+        ({"norm_num_groups": 7}, "norm_num_groups"),
+        ({"num_head_channels": 48, "num_heads": None}, "num_head_channels"),
+        ({"transformer_depth_middle": 0}, "transformer_depth_middle"),
+        ({"channel_mult": ()}, "channel_mult"),
     ],
 )
 def test_bad_config_names_the_field(changes, field):

@@ -43,20 +43,20 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
     attn = [d > 0 for d in cfg.transformer_depth]
     # diffusers' ``attention_head_dim`` is in fact the number of heads per level.
     heads = [cfg.heads_at(w)[0] for w in widths]
-    out = dict(
-        sample_size=32,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        block_out_channels=widths,
-        layers_per_block=cfg.num_res_blocks,
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=heads,
-        use_linear_projection=cfg.use_linear_in_transformer,
-        transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
-        norm_num_groups=cfg.norm_num_groups,
-    )
+    out = {
+        "sample_size": 32,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": widths,
+        "layers_per_block": cfg.num_res_blocks,
+        "cross_attention_dim": cfg.context_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": cfg.use_linear_in_transformer,
+        "transformer_layers_per_block": [max(d, 1) for d in cfg.transformer_depth],
+        "norm_num_groups": cfg.norm_num_groups,
+    }
     if cfg.transformer_depth_middle != max(cfg.transformer_depth[-1], 1):
         raise ValueError("diffusers' mid block has the last level's depth; cannot express this config")
     if cfg.adm_in_channels is not None:
@@ -74,7 +74,7 @@ def _import_single_file_utils():
     torch the PyPI torchvision fails registering fakes for two ops unless their schemas exist."""
     try:
         from diffusers.loaders import single_file_utils
-    except Exception:
+    except (ImportError, RuntimeError):
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor")

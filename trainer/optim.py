@@ -81,17 +81,18 @@ def _import_bitsandbytes():
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `groups` (see `param_groups`).
 
-    AdamW/Adam use the fused CUDA kernel when every parameter is a floating CUDA tensor and the
-    foreach implementation otherwise. Weight decay applies to all adapter weights.
+    AdamW/Adam use the fused kernel (CUDA, and CPU since torch 2.4: several times faster than
+    foreach there) when every parameter is a floating tensor on one such device, foreach otherwise. Weight decay applies to all adapter weights.
     """
     name = cfg.name
     params = [p for g in groups for p in g["params"]]
-    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    kinds = {p.device.type for p in params}
+    fusable = bool(params) and len(kinds) == 1 and kinds <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params)
     betas = tuple(cfg.betas)
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         kwargs = {"lr": cfg.lr, "betas": betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-        if on_cuda:
+        if fusable:
             kwargs["fused"] = True
         return cls(groups, **kwargs)
     if name == "sgd":
