@@ -96,7 +96,7 @@ class ResBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and torch.is_grad_enabled():
             return _checkpointed(self._forward, x, emb)
         return self._forward(x, emb)
 
@@ -207,7 +207,7 @@ class BasicTransformerBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and torch.is_grad_enabled():
             return _checkpointed(self._forward, x, context)
         return self._forward(x, context)
 
@@ -342,7 +342,7 @@ class TimestepEmbedSequential(nn.ModuleList):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and torch.is_grad_enabled():
             return _checkpointed(self._forward, x, emb, context)
         return self._forward(x, emb, context)
 

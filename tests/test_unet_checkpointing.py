@@ -82,20 +82,22 @@ def test_checkpointed_modules_run_again_in_backward(granularity, recomputed, kep
         assert len(other) == sum(isinstance(m, kept) for m in unet.modules())  # not recomputed
 
 
-def test_off_in_eval_and_no_grad_and_when_disabled():
+def test_on_in_eval_off_under_no_grad_and_when_disabled():
+    # Frozen-base LoRA training keeps the UNet in eval mode: checkpointing must still apply.
     unet, inputs = make_case("tiny-sdxl")
     unet.set_gradient_checkpointing(True)
     calls = count_calls(unet, ResBlock)
     n_res = sum(isinstance(m, ResBlock) for m in unet.modules())
     with torch.no_grad():
         unet(*inputs)
+    assert len(calls) == n_res
     unet.eval()
     unet(*inputs).sum().backward()
-    unet.train()
+    assert len(calls) == 3 * n_res  # forward + recompute in backward
     unet.set_gradient_checkpointing(False)
     assert unet.gradient_checkpointing is None
     unet(*inputs).sum().backward()
-    assert len(calls) == 3 * n_res
+    assert len(calls) == 4 * n_res
 
 
 def test_bad_granularity():
