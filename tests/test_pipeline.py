@@ -95,7 +95,12 @@ def test_sampling_loop_matches_reference(bundles, family, sampler):
     job = pipe.prepare(PROMPT, NEGATIVE, steps=steps, cfg=cfg, width=size, height=size, latents=noise)
     ours = pipe.sample(job)
 
-    ref_unet = _reference_unet(bundle.unet)
+    ref = _reference_loop(bundle, _reference_unet(bundle.unet), sampler, noise, steps, cfg, size)
+    assert rel(ours, ref) < 1e-4
+
+
+def _reference_loop(bundle, ref_unet, sampler, noise, steps, cfg, size):
+    """The reference scheduler loop with guidance, driving `ref_unet` from `noise`."""
     sched = _reference_scheduler(sampler, bundle.spec.prediction_type)
     with torch.no_grad():
         context, pooled = bundle.encode_prompt([NEGATIVE, PROMPT])
@@ -109,7 +114,40 @@ def test_sampling_loop_matches_reference(bundles, family, sampler):
             model_in = sched.scale_model_input(torch.cat([x, x]), t)
             uncond, cond = ref_unet(model_in, t, encoder_hidden_states=context, **kwargs).sample.chunk(2)
             x = sched.step(uncond + cfg * (cond - uncond), t, x).prev_sample
-    assert rel(ours, x) < 1e-4
+    return x
+
+
+@pytest.mark.parametrize("family", ["tiny-sd15", "tiny-sdxl"])
+def test_sampling_with_a_lora_matches_reference_loading_the_same_file(bundles, family, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    bundle = bundles[family]
+    steps, cfg, size = 4, 5.0, 64
+    ref_unet = _reference_unet(bundle.unet)  # base weights, before any LoRA
+    net = models.inject_lora(bundle, unet="kohya", rank=4)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for adapter in net.adapters().values():
+            adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g) * 0.3)
+    path = tmp_path / "style.safetensors"
+    net.save(path, dtype=torch.float32)
+    net.remove()
+
+    noise = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(5))
+    pipe = Txt2ImgPipeline(bundle, sampler="euler")
+    loaded = pipe.add_lora(path, 1.0)
+    try:
+        ours = pipe.sample(pipe.prepare(PROMPT, NEGATIVE, steps=steps, cfg=cfg, width=size, height=size, latents=noise))
+    finally:
+        loaded.remove()
+    loader = StableDiffusionXLPipeline if bundle.spec.is_sdxl else StableDiffusionPipeline
+    state, alphas = loader.lora_state_dict(load_file(path), unet_config=ref_unet.config)
+    loader.load_lora_into_unet(state, alphas, ref_unet)
+    ref = _reference_loop(bundle, ref_unet, "euler", noise, steps, cfg, size)
+    plain = _reference_loop(bundle, _reference_unet(bundle.unet), "euler", noise, steps, cfg, size)
+    assert rel(ours, ref) < 1e-4
+    assert rel(plain, ref) > 1e-3  # the LoRA changes the result
 
 
 def test_images_seeds_and_png_metadata(bundles, tmp_path):
