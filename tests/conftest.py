@@ -96,3 +96,28 @@ def _bytes_to_unicode_reference() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for c in cs]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run creates its own Accelerator; drop accelerate's process-wide
+    singleton state before and after. Training test modules opt in with
+    `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP stalls when the test
+    workers oversubscribe the cores. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -74,6 +74,8 @@ def test_fused_adamw_on_cpu_and_foreach_for_mixed_devices():
     mixed = [torch.nn.Parameter(torch.randn(2, 2)), torch.nn.Parameter(torch.randn(2, 2, device="meta"))]
     opt = build_optimizer(param_groups(mixed, [], _cfg()), _cfg())
     assert not opt.defaults.get("fused")
+    opt = build_optimizer(param_groups(_params(1), [], _cfg()), _cfg(), allow_fused=False)  # fp16 scaling
+    assert not opt.defaults.get("fused")
 
 
 @pytest.mark.gpu

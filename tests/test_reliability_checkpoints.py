@@ -12,29 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import QUICKSTART, ROOT, copy_quickstart_images
 
 import trainer.__main__ as cli
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.optim import build_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 RUNTIME_PACKAGES = ("models", "trainer", "data")
 RUN = ["data.num_workers=0", "data.cache_latents=true", "data.cache_text=true", "output.tensorboard=false",
        "optim.warmup_steps=0", "train.batch_size=2", "train.max_steps=2", "train.save_every=1"]
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 class _Payload:
@@ -149,10 +138,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(output dir, data dir) of a finished 2-step run (checkpoints step-1 and step-2) on 4 images."""
     from accelerate.state import AcceleratorState, GradientState
 
-    data = tmp_path_factory.mktemp("data")
-    src = ROOT / "examples" / "quickstart_data"
-    for img in sorted(p for p in src.iterdir() if p.suffix in (".png", ".jpg"))[:4]:
-        shutil.copy(img, data / img.name)
+    data = copy_quickstart_images(tmp_path_factory.mktemp("data"), 4, captions=False)
     out = tmp_path_factory.mktemp("out")
     AcceleratorState._reset_state()
     GradientState._reset_state()

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_runs import QUICKSTART
 
 import trainer.__main__ as cli
 from trainer.config import load_config
 from trainer.recipe import LoRATrainingRecipe
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 MAX_PIXELS = 100_000
 # Unusable images, found by the scan or (midcorrupt.jpg) only when decoded.
 BAD_IMAGES = ["corrupt.png", "truncated.png", "zero.jpg", "bomb.png", "tiny.png", "midcorrupt.png", "midcorrupt.jpg"]
@@ -36,17 +35,7 @@ RUN = ["output.tensorboard=false", "optim.warmup_steps=0", "train.batch_size=2",
        "train.save_every=0", "data.resolution=64", "data.bucket_step=32", f"data.max_pixels={MAX_PIXELS}"]
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _png(img: Image.Image) -> bytes:

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training_runs import QUICKSTART, ROOT, copy_quickstart_images, trainer_env
 
 import trainer.__main__ as cli
 import trainer.checkpoint as checkpoint_module
@@ -32,8 +33,6 @@ from trainer.checkpoint import CheckpointManager
 from trainer.config import load_config
 from trainer.recipe import LoRATrainingRecipe
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 STEPS = 10
 # 8 images, batch 2: 4 batches per epoch, so 10 steps cross two epoch boundaries. LoRA dropout and
 # noise offset make the result depend on the restored RNG state; fp32 export allows exact checks.
@@ -46,6 +45,7 @@ KILL_STEP = random.Random(KILL_SEED).randint(3, STEPS - 2)
 TOL = 1e-6
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 # `python -c _KILL_RUNNER NAME ARGS...`: the trainer CLI, SIGKILLed right before `os.replace`
 # moves anything onto a path whose last component is NAME (after every byte of it was written).
@@ -62,23 +62,6 @@ os.replace = replace
 from trainer.__main__ import main
 sys.exit(main(args))
 """
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def _args(out: Path, data: Path, *extra) -> list[str]:
@@ -124,12 +107,7 @@ def _no_visible_partials(run: Path) -> None:
 # ---- the reference run and the killed processes ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    src = ROOT / "examples" / "quickstart_data"
-    for img in sorted(p for p in src.iterdir() if p.suffix in (".png", ".jpg"))[:8]:
-        shutil.copy(img, out / img.name)
-        shutil.copy(img.with_suffix(".txt"), out / (img.stem + ".txt"))
-    return out
+    return copy_quickstart_images(tmp_path_factory.mktemp("data"), 8)
 
 
 class _Killed:
@@ -138,7 +116,7 @@ class _Killed:
     def __init__(self, out: Path, data: Path, kill_before_rename: str | None = None, kill_at_step: int | None = None):
         self.out, self.kill_at_step, self.stderr, self.seen_step = out, kill_at_step, "", 0
         prefix = ["-c", _KILL_RUNNER, kill_before_rename] if kill_before_rename else ["-m", "trainer"]
-        self.proc = subprocess.Popen([sys.executable, *prefix, *_args(out, data)], cwd=ROOT, env=_env(),
+        self.proc = subprocess.Popen([sys.executable, *prefix, *_args(out, data)], cwd=ROOT, env=trainer_env(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -7,46 +7,30 @@ there), so on the CPU the loss-scaling path runs with a `torch.amp.GradScaler("c
 place of accelerate's: the same `AcceleratedOptimizer` / `Accelerator.backward` code, just no
 fp16 autocast. The `gpu` test does the same with real fp16 mixed precision.
 """
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_runs import QUICKSTART, copy_quickstart_images
 
 import trainer.__main__ as cli
 from trainer.config import load_config
 from trainer.objective import DiffusionObjective
 from trainer.recipe import LoRATrainingRecipe
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 RUN = ["data.num_workers=0", "data.cache_latents=true", "data.cache_text=true", "output.tensorboard=false",
        "optim.warmup_steps=0", "train.batch_size=2", "train.max_steps=6", "train.save_every=2",
        "train.log_every=5", "train.keep_last=5"]
 BAD_STEP = 4  # a checkpoint step that is not a log step: the hardest place to catch it
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    src = ROOT / "examples" / "quickstart_data"
-    for img in sorted(p for p in src.iterdir() if p.suffix in (".png", ".jpg"))[:4]:
-        shutil.copy(img, out / img.name)
-    return out
+    return copy_quickstart_images(tmp_path_factory.mktemp("data"), 4, captions=False)
 
 
 def _poison_gradients(monkeypatch, step: int, value: float) -> None:
@@ -101,6 +85,10 @@ def _use_cpu_loss_scaler(recipe: LoRATrainingRecipe, init_scale: float):
 
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
     recipe.accelerator.scaler = scaler
+    inner = recipe.optimizer.optimizer  # fp16 runs build the unfused optimizer (allow_fused=False)
+    for group in inner.param_groups:
+        group["fused"] = False
+    inner._step_supports_amp_scaling = False
     recipe.optimizer = AcceleratedOptimizer(recipe.optimizer.optimizer, device_placement=False, scaler=scaler)
     return scaler
 

@@ -2,8 +2,6 @@
 data-parallel equivalence and the non-finite-loss stop. CPU only, 64 px, a few dozen steps."""
 import json
 import math
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training_runs import (
+    QUICKSTART,
+    ROOT,
+    copy_quickstart_images,
+    trainer_env,
+)
 
 import trainer.__main__ as cli
 from trainer.config import load_config
@@ -20,44 +24,18 @@ from trainer.objective import DiffusionObjective
 from trainer.recipe import Denoiser, LoRATrainingRecipe
 from trainer.schedule import NoiseSchedule
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-EXAMPLES = ROOT / "examples" / "quickstart_data"
 # Fast in-process runs: in-memory caches, no workers, per-step loss logging.
 FAST = ["data.num_workers=0", "data.cache_latents=true", "data.cache_text=true", "output.tensorboard=false",
         "train.log_every=1", "optim.warmup_steps=0", "train.batch_size=2"]
 
 torch.set_num_threads(1)  # tests run two at a time on two cores; more threads only contend
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run creates its own Accelerator; drop the process-wide singleton state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """8 of the quickstart images (4 batches of 2 per epoch)."""
-    out = tmp_path_factory.mktemp("data")
-    images = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".png", ".jpg"))[:8]
-    assert len(images) == 8, "examples/quickstart_data needs at least 8 images"
-    for img in images:
-        shutil.copy(img, out / img.name)
-        shutil.copy(img.with_suffix(".txt"), out / (img.stem + ".txt"))
-    return out
+    return copy_quickstart_images(tmp_path_factory.mktemp("data"), 8)
 
 
 def _config(out: Path, data: Path, *overrides):
@@ -78,7 +56,7 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     parallel test workers do not each train it): outputs, convergence, the LoRA itself."""
     monkeypatch.chdir(ROOT)  # the config's data path is relative to the repository root
     cmd = [sys.executable, "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={tmp_path}", "train.log_every=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"
     cfg = load_config(QUICKSTART)
@@ -220,7 +198,7 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, small_data):
               "optim.warmup_steps=0", "train.batch_size=2", "data.num_workers=0", "output.tensorboard=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={tmp_path / 'ddp'}", *common]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     single = LoRATrainingRecipe(load_config(QUICKSTART, [f"output.dir={tmp_path / 'one'}", *common,

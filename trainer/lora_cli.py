@@ -159,6 +159,15 @@ def _parse_lora_arg(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def _out_problem(out: Path, force: bool) -> str | None:
+    """Why `--out` cannot be written (not .safetensors, or exists without --force), or None."""
+    if out.suffix != ".safetensors":
+        return f"--out must be a .safetensors file, got {out}"
+    if out.exists() and not force:
+        return f"{out} exists; pass --force to overwrite it"
+    return None
+
+
 def merge(args: argparse.Namespace) -> int:
     import torch
 
@@ -167,11 +176,8 @@ def merge(args: argparse.Namespace) -> int:
     from models.single_file import save_single_file
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        print(f"error: --out must be a .safetensors file, got {out}", file=sys.stderr)
-        return 2
-    if out.exists() and not args.force:
-        print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
+    if (problem := _out_problem(out, args.force)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     loras = [_parse_lora_arg(v) for v in args.lora]
     for file, _ in loras:
@@ -235,11 +241,8 @@ def resize(args: argparse.Namespace) -> int:
     from models.lora_files import read_lora_file, write_lora_file
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        print(f"error: --out must be a .safetensors file, got {out}", file=sys.stderr)
-        return 2
-    if out.exists() and not args.force:
-        print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
+    if (problem := _out_problem(out, args.force)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     tensors, metadata = read_lora_file(args.file)
     in_dtype = next((t.dtype for k, t in tensors.items() if k.endswith(".lora_down.weight")), torch.float32)

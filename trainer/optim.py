@@ -78,11 +78,13 @@ def _import_bitsandbytes():
         ) from exc
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], cfg: OptimConfig, allow_fused: bool = True) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `groups` (see `param_groups`).
 
     AdamW/Adam use the fused kernel (CUDA, and CPU since torch 2.4: several times faster than
-    foreach there) when every parameter is a floating tensor on one such device, foreach otherwise. Weight decay applies to all adapter weights.
+    foreach there) when every parameter is a floating tensor on one such device, foreach otherwise.
+    `allow_fused=False` is for fp16 loss scaling: a fused step hides an overflow-skipped step from
+    accelerate, which would then advance the LR schedule. Weight decay applies to all adapter weights.
     """
     name = cfg.name
     params = [p for g in groups for p in g["params"]]
@@ -92,7 +94,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         kwargs = {"lr": cfg.lr, "betas": betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-        if fusable:
+        if fusable and allow_fused:
             kwargs["fused"] = True
         return cls(groups, **kwargs)
     if name == "sgd":

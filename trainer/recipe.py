@@ -285,7 +285,7 @@ class LoRATrainingRecipe:
         o = self.cfg.optim
         groups = self.network.param_groups(o.lr, o.te_lr)
         self.group_names = [g["name"] for g in groups]
-        optimizer = build_optimizer(groups, o)
+        optimizer = build_optimizer(groups, o, allow_fused=self.cfg.train.mixed_precision != "fp16")
         self.scheduler = build_scheduler(optimizer, o, self.cfg.train.max_steps)
         self.denoiser = Denoiser(self.bundle, encode_text=self.cfg.train.train_text_encoders)
         self.model, self.optimizer = self.accelerator.prepare(self.denoiser, optimizer)
