@@ -263,7 +263,10 @@ class UNet(nn.Module):
         return self._checkpointing
 
     def set_gradient_checkpointing(self, enabled: bool = True, granularity: str = "block") -> None:
-        """Recompute activations in backward instead of storing them (training only).
+        """Recompute activations in backward instead of storing them.
+
+        Applies whenever autograd records the forward, in train or eval mode (LoRA training keeps
+        the frozen UNet in eval mode); inference under ``torch.no_grad()`` is unaffected.
 
         granularity: "block" - each input/middle/output block as a whole (least memory);
         "layer" - each ResBlock and each BasicTransformerBlock separately;
