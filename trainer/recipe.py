@@ -16,7 +16,6 @@ so a checkpoint is written only when every step before it was finite.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -32,7 +31,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager
-from .config import Config, config_to_dict, save_config
+from .config import Config, save_config
+from .metadata import training_metadata
 from .monitor import TrainingMonitor
 from .objective import DiffusionObjective, sample_seed, to_device
 from .optim import build_optimizer, build_scheduler
@@ -516,29 +516,11 @@ class LoRATrainingRecipe:
         return path
 
     def _export_metadata(self) -> dict[str, str]:
-        cfg, t, o, d = self.cfg, self.cfg.train, self.cfg.optim, self.cfg.data
-        subsets = d.resolved_subsets()
-        return {
-            "ss_steps": str(self.step), "ss_max_train_steps": str(t.max_steps), "ss_epoch": str(self.loader.epoch),
-            "ss_num_train_images": str(len(self.dataset.records)), "ss_num_batches_per_epoch": str(len(self.loader)),
-            "ss_batch_size_per_device": str(t.batch_size), "ss_gradient_accumulation_steps": str(t.grad_accum),
-            "ss_num_processes": str(self.world), "ss_learning_rate": f"{o.lr:g}",
-            "ss_unet_lr": f"{o.lr:g}", "ss_text_encoder_lr": f"{(o.te_lr if o.te_lr is not None else o.lr):g}",
-            "ss_optimizer": o.name, "ss_lr_scheduler": o.scheduler, "ss_lr_warmup_steps": str(o.warmup_steps),
-            "ss_mixed_precision": t.mixed_precision, "ss_seed": str(t.seed),
-            "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_noise_offset": f"{t.noise_offset:g}",
-            "ss_min_snr_gamma": "" if t.min_snr_gamma is None else f"{t.min_snr_gamma:g}",
-            "ss_zero_terminal_snr": str(t.zero_terminal_snr), "ss_prediction_type": self.prediction_type,
-            "ss_cache_latents": str(d.cache_latents), "ss_gradient_checkpointing": str(t.gradient_checkpointing),
-            "ss_caption_dropout_rate": f"{max(s.caption_dropout for s in subsets):g}",
-            "ss_flip_aug": str(any(s.flip for s in subsets)), "ss_shuffle_caption": str(any(s.shuffle_tags for s in subsets)),
-            "ss_keep_tokens": str(d.keep_tokens), "ss_sd_model_name": cfg.model.source,
-            "ss_bucket_info": json.dumps({f"{w}x{h}": n for (w, h), n in self.dataset.bucket_counts().items()}),
-            "ss_training_finished_at": str(int(time.time())),
-            "lorasmith.family": self.bundle.family,
-            "lorasmith.final_loss": f"{self.loss_history[-1]:.6g}" if self.loss_history else "",
-            "lorasmith.config": json.dumps(config_to_dict(cfg)),
-        }
+        return training_metadata(
+            self.cfg, step=self.step, epoch=self.loader.epoch, num_images=len(self.dataset.records),
+            batches_per_epoch=len(self.loader), world=self.world, prediction_type=self.prediction_type,
+            bucket_counts=self.dataset.bucket_counts(), family=self.bundle.family, losses=self.loss_history,
+        )
 
     def _sample_images(self) -> None:
         """Render `sample.prompts` with the current LoRA (main process) into a PNG grid + tensorboard."""
