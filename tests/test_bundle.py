@@ -9,6 +9,7 @@ import torch
 
 import models
 from models.bundle import FAMILIES
+from reference_models import hf_text_encoder
 
 PROMPTS = ["a photo of a cat", "masterpiece, 1girl, (blue eyes:1.2), long hair", "", "x " * 90]
 
@@ -51,35 +52,7 @@ def test_build_model_seed_is_reproducible_and_leaves_global_rng():
 
 
 def _hf_text_encoders(bundle):
-    from transformers import CLIPTextConfig as HFConfig
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    out = []
-    for te in bundle.text_encoders:
-        c = te.config
-        hf_cfg = HFConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            max_position_embeddings=c.max_position,
-            hidden_act=c.activation,
-            layer_norm_eps=c.layer_norm_eps,
-            projection_dim=c.projection_dim or c.hidden_size,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
-        )
-        cls = CLIPTextModelWithProjection if c.projection_dim else CLIPTextModel
-        model = cls(hf_cfg).eval()
-        state = te.state_dict()
-        if not any(k.startswith("text_model.") for k in model.state_dict()):
-            # transformers 5 keeps CLIPTextModel's keys without the checkpoint's `text_model.` prefix.
-            state = {k.removeprefix("text_model."): v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and {m.removeprefix("text_model.") for m in missing} <= {"embeddings.position_ids"}, (missing, unexpected)
-        out.append(model)
-    return out
+    return [hf_text_encoder(te) for te in bundle.text_encoders]
 
 
 def test_sdxl_encode_prompt_matches_diffusers(hf_files):

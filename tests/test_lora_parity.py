@@ -16,61 +16,12 @@ import safetensors.torch
 import torch
 
 import models
+from reference_models import diffusers_unet, diffusers_unet_config, hf_text_encoder
 from models.bundle import build_model
 
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def diffusers_unet_config(c) -> dict:
-    """diffusers UNet2DConditionModel kwargs for our UNetConfig `c`."""
-    widths = [c.model_channels * m for m in c.channel_mult]
-    cfg = dict(
-        sample_size=8, in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=widths,
-        layers_per_block=c.num_res_blocks,
-        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        # diffusers takes the middle block's depth from the last entry
-        transformer_layers_per_block=[max(d, 1) for d in c.transformer_depth[:-1]] + [c.transformer_depth_middle],
-        attention_head_dim=[c.heads_at(w)[0] for w in widths],  # diffusers' name for the head count
-        cross_attention_dim=c.context_dim, use_linear_projection=c.use_linear_in_transformer,
-        norm_num_groups=c.norm_num_groups, flip_sin_to_cos=True, freq_shift=0,
-    )
-    if c.adm_in_channels is not None:
-        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=c.adm_in_channels)
-    return cfg
-
-
-def diffusers_unet(bundle):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    du = UNet2DConditionModel(**diffusers_unet_config(bundle.unet.config)).eval()
-    ldm = {"model.diffusion_model." + k: v for k, v in bundle.unet.state_dict().items()}
-    du.load_state_dict(convert_ldm_unet_checkpoint(ldm, du.config))
-    return du
-
-
-def hf_text_encoder(te):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    c = te.config
-    hc = CLIPTextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, max_position_embeddings=c.max_position,
-        hidden_act=c.activation, layer_norm_eps=c.layer_norm_eps, projection_dim=c.projection_dim or c.hidden_size,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=1,
-    )
-    model = (CLIPTextModelWithProjection if c.projection_dim else CLIPTextModel)(hc).eval()
-    sd = te.state_dict()
-    if not any(k.startswith("text_model.") for k in model.state_dict()):
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
-    return model
 
 
 def diffusers_names_of_ldm_keys(bundle) -> dict[str, str]:
@@ -169,7 +120,7 @@ def test_diffusers_lora_loader_reproduces_our_output(family, preset, tmp_path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     bundle, net = trained(family, preset)
-    du = diffusers_unet(bundle)  # base weights, converted before the LoRA is applied
+    du = diffusers_unet(bundle.unet)  # base weights, converted before the LoRA is applied
     tes = [hf_text_encoder(te) for te in bundle.text_encoders]
     data = inputs(bundle)
     x, t, ctx, pooled, time_ids, ids = data

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import models
+from reference_models import diffusers_unet
 from trainer.pipeline import GenerationParams, Txt2ImgPipeline, benchmark_sampling, save_png
 
 PROMPT, NEGATIVE = "a red fox in the snow, watercolor", "blurry, low quality"
@@ -31,40 +32,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def bundles():
     return {name: models.build_model(name, seed=0) for name in ("tiny-sd15", "tiny-sdxl")}
-
-
-def _reference_unet(unet):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    c = unet.config
-    widths = [c.model_channels * m for m in c.channel_mult]
-    depth = [max(d, 1) for d in c.transformer_depth]  # blocks without attention ignore it
-    assert c.transformer_depth_middle == depth[-1]
-    cfg = dict(
-        sample_size=8,
-        in_channels=c.in_channels,
-        out_channels=c.out_channels,
-        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)],
-        block_out_channels=widths,
-        layers_per_block=c.num_res_blocks,
-        cross_attention_dim=c.context_dim,
-        attention_head_dim=[c.heads_at(w)[0] for w in widths],  # the reference means "heads" here
-        transformer_layers_per_block=depth,
-        use_linear_projection=c.use_linear_in_transformer,
-        norm_num_groups=c.norm_num_groups,
-    )
-    if c.adm_in_channels is not None:
-        cfg.update(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=c.adm_in_channels,
-        )
-    ref = UNet2DConditionModel(**cfg)
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    ref.load_state_dict(convert_ldm_unet_checkpoint(state, dict(ref.config)), strict=True)
-    return ref.eval()
 
 
 def _reference_scheduler(sampler, prediction_type):
@@ -95,7 +62,7 @@ def test_sampling_loop_matches_reference(bundles, family, sampler):
     job = pipe.prepare(PROMPT, NEGATIVE, steps=steps, cfg=cfg, width=size, height=size, latents=noise)
     ours = pipe.sample(job)
 
-    ref = _reference_loop(bundle, _reference_unet(bundle.unet), sampler, noise, steps, cfg, size)
+    ref = _reference_loop(bundle, diffusers_unet(bundle.unet), sampler, noise, steps, cfg, size)
     assert rel(ours, ref) < 1e-4
 
 
@@ -124,7 +91,7 @@ def test_sampling_with_a_lora_matches_reference_loading_the_same_file(bundles, f
 
     bundle = bundles[family]
     steps, cfg, size = 4, 5.0, 64
-    ref_unet = _reference_unet(bundle.unet)  # base weights, before any LoRA
+    ref_unet = diffusers_unet(bundle.unet)  # base weights, before any LoRA
     net = models.inject_lora(bundle, unet="kohya", rank=4)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -145,7 +112,7 @@ def test_sampling_with_a_lora_matches_reference_loading_the_same_file(bundles, f
     state, alphas = loader.lora_state_dict(load_file(path), unet_config=ref_unet.config)
     loader.load_lora_into_unet(state, alphas, ref_unet)
     ref = _reference_loop(bundle, ref_unet, "euler", noise, steps, cfg, size)
-    plain = _reference_loop(bundle, _reference_unet(bundle.unet), "euler", noise, steps, cfg, size)
+    plain = _reference_loop(bundle, diffusers_unet(bundle.unet), "euler", noise, steps, cfg, size)
     assert rel(ours, ref) < 1e-4
     assert rel(plain, ref) > 1e-3  # the LoRA changes the result
 

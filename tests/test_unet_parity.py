@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.unet import UNet, UNetConfig, sdxl_vector, timestep_embedding
+from reference_models import diffusers_unet_config
 
 CASES = {
     # SD1.5 layout: fixed head count, 1x1-conv proj_in/out, no adm.
@@ -55,38 +56,6 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
                     module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
 
 
-def diffusers_config(cfg: UNetConfig) -> dict:
-    """UNet2DConditionModel kwargs for the same network (its `attention_head_dim` is a head count)."""
-    widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    attn = [d > 0 for d in cfg.transformer_depth]
-    if cfg.num_head_channels is not None:
-        heads = [w // cfg.num_head_channels for w in widths]
-    else:
-        heads = cfg.num_heads
-    assert cfg.transformer_depth_middle == max(cfg.transformer_depth[-1], 1)  # diffusers' mid block rule
-    out = {
-        "sample_size": 16,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "block_out_channels": widths,
-        "layers_per_block": cfg.num_res_blocks,
-        "cross_attention_dim": cfg.context_dim,
-        "attention_head_dim": heads,
-        "use_linear_projection": cfg.use_linear_in_transformer,
-        "transformer_layers_per_block": [max(d, 1) for d in cfg.transformer_depth],
-        "norm_num_groups": cfg.norm_num_groups,
-    }
-    if cfg.adm_in_channels is not None:
-        out.update(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=cfg.adm_in_channels,
-        )
-    return out
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request):
     from diffusers import UNet2DConditionModel
@@ -95,7 +64,7 @@ def pair(request):
     cfg = CASES[request.param]
     ours = UNet(cfg).eval()
     randomise(ours, seed=1234)
-    dcfg = diffusers_config(cfg)
+    dcfg = diffusers_unet_config(cfg)
     ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     converted = convert_ldm_unet_checkpoint(ckpt, dcfg)
     ref = UNet2DConditionModel(**dcfg).eval()
@@ -111,7 +80,7 @@ def test_norm_settings_match_diffusers(pair):
     _, cfg, ours, ref = pair
     params = dict(ours.named_parameters())
     converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in params.items()},
-                                            diffusers_config(cfg))
+                                            diffusers_unet_config(cfg))
     ref_name = {v.data_ptr(): k for k, v in converted.items()}  # the converter moves tensors as they are
     ref_modules = dict(ref.named_modules())
     checked = 0
