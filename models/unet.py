@@ -179,8 +179,8 @@ class UNet(nn.Module):
     """Noise-prediction UNet.
 
     forward(x (B,in,H,W), timesteps (B,) or scalar in [0,1000), context (B,T,context_dim),
-    y (B,adm_in_channels) for SDXL) -> (B,out,H,W) in x's dtype. H and W must be multiples of
-    2 ** (levels - 1) (8 for SD1.5/SD2, 4 for SDXL).
+    y (B,adm_in_channels) for SDXL) -> (B,out,H,W) in x's dtype. Any H and W work: where a side
+    is not a multiple of 2 ** (levels - 1), upsampling meets the skip's size, as in diffusers.
 
     Parameters get PyTorch's default initialisation; real use loads a checkpoint.
     Pass ``device="meta"`` (or build under ``torch.device("meta")``) to allocate nothing.
@@ -291,12 +291,6 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"UNet: x must be (B, {c.in_channels}, H, W) latents, got {tuple(x.shape)}")
         b, _, hgt, wid = x.shape
-        factor = 2 ** (len(c.channel_mult) - 1)
-        if hgt % factor or wid % factor:
-            raise ValueError(
-                f"UNet: latent size {hgt}x{wid} must be a multiple of {factor} (images: of {8 * factor} pixels "
-                "with the SD VAEs); resize or crop the images"
-            )
         if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.context_dim:
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"UNet: context must be ({b}, T, {c.context_dim}), got {got}")
@@ -336,5 +330,5 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

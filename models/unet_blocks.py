@@ -304,11 +304,15 @@ class Upsample(nn.Module):
         out_channels = channels if out_channels is None else out_channels
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B,C,H,W) -> (B,C',2H,2W), or (B,C',*size) when the skip it meets is not 2x (odd sides)."""
         conv = self.conv
-        if type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks):
+        doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
+        if doubled and type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks):
             return F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
-        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if doubled:
+            return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 def _fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -341,17 +345,23 @@ class TimestepEmbedSequential(nn.ModuleList):
         super().__init__(layers)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`out_size` (H, W): what an Upsample in this entry must produce (the next skip's size),
+        so latents whose sides are not multiples of the total downsampling still line up."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return _checkpointed(self._forward, x, emb, context)
-        return self._forward(x, emb, context)
+            return _checkpointed(self._forward, x, emb, context, out_size)
+        return self._forward(x, emb, context, out_size)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                 out_size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
             else:
                 x = layer(x)
         return x

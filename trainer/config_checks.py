@@ -41,15 +41,6 @@ def family_of(cfg: Config) -> str | None:
     return cfg.model.source if cfg.model.source in FAMILY_NAMES else None
 
 
-def _latent_multiple(family: str) -> int:
-    """Pixel multiple the UNet needs: 8 (VAE) * 2 ** (UNet levels - 1)."""
-    from models.bundle import FAMILIES
-    from models.unet import UNetConfig
-
-    levels = len(UNetConfig.preset(FAMILIES[family].unet).channel_mult)
-    return 8 * 2 ** (levels - 1)
-
-
 def _is_hub_id(value: str) -> bool:
     """A hub repo id / file (`owner/name[/file]`) or URL rather than a local path."""
     if value.startswith(("http://", "https://", "hf://")):
@@ -153,21 +144,13 @@ def _check_data_and_family(cfg: Config) -> None:
     family = family_of(cfg)
     if family is None:
         return
-    multiple = _latent_multiple(family)
-    res = cfg.data.resolution
-    if family == "sdxl" and res < 512:
-        _fail("data.resolution", f"{res} is too small for SDXL (trained at 1024 px); use 1024 (or at least 512)")
-    subsets = cfg.data.resolved_subsets()
-    for i, sub in enumerate(subsets):
-        key = f"data.subsets[{i}].resolution" if cfg.data.subsets else "data.resolution"
-        if sub.resolution % multiple:
-            _fail(key, f"{sub.resolution} must be a multiple of {multiple} for {family} (its UNet halves the latents "
-                  f"{multiple.bit_length() - 4} times)")
-    if cfg.data.enable_buckets and cfg.data.bucket_step % multiple:
-        _fail("data.bucket_step", f"{cfg.data.bucket_step} must be a multiple of {multiple} for {family}")
+    if family == "sdxl" and cfg.data.resolution < 512:
+        _fail("data.resolution", f"{cfg.data.resolution} is too small for SDXL (trained at 1024 px); use 1024 (or at least 512)")
+    # Pixel sizes only need to be multiples of 8 (the VAE's block; data.config checks those): the
+    # UNet takes any latent size, as diffusers' does.
     size = cfg.sample.size
-    if size is not None and size % multiple:
-        _fail("sample.size", f"{size} must be a multiple of {multiple} for {family}")
+    if size is not None and size % 8:
+        _fail("sample.size", f"{size} must be a multiple of 8 (the VAE works on 8x8 pixel blocks)")
 
 
 def _check_sample_output(cfg: Config) -> None:

@@ -168,24 +168,12 @@ class Txt2ImgPipeline:
         return network
 
     # ---- geometry -----------------------------------------------------------------------------
-    @property
-    def size_multiple(self) -> int:
-        """Width and height must be multiples of this (8 for the VAE times the UNet's downsampling)."""
-        levels = len(self.bundle.unet.config.channel_mult)
-        return 8 * 2 ** (levels - 1)
-
     def check_size(self, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
             if value % 8:
                 raise ValueError(f"{name}={value} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)")
-            if value % self.size_multiple:
-                lower = value // self.size_multiple * self.size_multiple
-                raise ValueError(
-                    f"{name}={value} must be a multiple of {self.size_multiple} for this model "
-                    f"({self.bundle.family}); try {lower or self.size_multiple} or {lower + self.size_multiple}"
-                )
 
     # ---- conditioning -------------------------------------------------------------------------
     def encode(
@@ -247,7 +235,7 @@ class Txt2ImgPipeline:
     ):
         """Generate len(prompt) * n images (prompt-major order; image k uses seed + k).
 
-        width/height: pixels (default: the family's resolution), multiples of `size_multiple`.
+        width/height: pixels (default: the family's resolution), multiples of 8.
         cfg: guidance scale; <= 1 disables classifier-free guidance (one UNet pass per step).
         original_size / crop_top_left / target_size: SDXL micro-conditioning as (h, w) / (top, left).
         latents: (B, 4, H/8, W/8) unit-variance initial noise replacing the seeded draw.
