@@ -6,6 +6,8 @@ CLIP parameter names are the Hugging Face names).
 """
 from __future__ import annotations
 
+import torch
+
 
 def diffusers_unet_config(c) -> dict:
     """diffusers UNet2DConditionModel kwargs for our UNetConfig `c`."""
@@ -57,3 +59,22 @@ def hf_text_encoder(te):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
     return model
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random: norm scales around 1, biases around 0, weights ~ 1/sqrt(fan_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
+                if module.bias is not None:
+                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))

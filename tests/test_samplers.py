@@ -22,13 +22,7 @@ SD_CONFIG = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Toy-sized tensors: thread start/spin costs more than the work, badly so with parallel workers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
 
 
 def rel(a, b):

@@ -6,12 +6,7 @@ from models.unet import UNet, UNetConfig, sdxl_vector
 from models.unet_blocks import BasicTransformerBlock, ResBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
 
 
 def make_case(preset: str, seed: int = 0):

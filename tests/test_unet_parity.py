@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.unet import UNet, UNetConfig, sdxl_vector, timestep_embedding
-from reference_models import diffusers_unet_config
+from reference_models import diffusers_unet_config, randomise, rel_err
 
 CASES = {
     # SD1.5 layout: fixed head count, 1x1-conv proj_in/out, no adm.
@@ -28,32 +28,7 @@ CASES = {
 INPUTS = [(2, 16, 24, 77), (1, 16, 16, 77), (3, 12, 8, 20), (2, 13, 10, 9)]  # last: sides not multiples of 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add sync cost, and stall when workers share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).norm() / ref.norm()).item()
-
-
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random: norm scales around 1, biases around 0, weights ~ 1/sqrt(fan_in)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
-            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
-                if module.bias is not None:
-                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -25,12 +25,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
 
 
 def fixture_shapes(name: str) -> dict[str, tuple[int, ...]]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from reference_models import randomise, rel_err
 
 # (our config, input image shape): non-square, batch > 1, nin_shortcut in encoder and decoder.
 CASES = {
@@ -17,24 +18,6 @@ CASES = {
         (3, 3, 24, 40),
     ),
 }
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).norm() / ref.norm()).item()
-
-
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm scales around 1, biases around 0, weights ~ 1/sqrt(fan_in))."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
-            elif isinstance(module, torch.nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
-                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
 
 
 def diffusers_config(cfg: VAEConfig) -> dict:

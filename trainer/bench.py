@@ -330,9 +330,9 @@ def build_reference(unet, network) -> nn.Module:
     on the modules `network` adapts, holding the same adapter weights (fp32, scale folded in B)."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        from trainer.bench_unet import _import_single_file_utils, diffusers_unet_config
+        from trainer.bench_unet import import_single_file_utils, diffusers_unet_config
 
-        sfu = _import_single_file_utils()
+        sfu = import_single_file_utils()
         from diffusers import UNet2DConditionModel
         from peft import LoraConfig
     except ImportError as exc:

@@ -69,7 +69,7 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
     return out
 
 
-def _import_single_file_utils():
+def import_single_file_utils():
     """diffusers' single-file module imports transformers, which imports torchvision; on CPU-only
     torch the PyPI torchvision fails registering fakes for two ops unless their schemas exist."""
     try:
@@ -89,7 +89,7 @@ def _import_single_file_utils():
 
 def build_reference(unet: UNet) -> torch.nn.Module:
     """diffusers' UNet2DConditionModel holding ``unet``'s weights (strict load)."""
-    sfu = _import_single_file_utils()
+    sfu = import_single_file_utils()
     from diffusers import UNet2DConditionModel
 
     dcfg = diffusers_unet_config(unet.config)
