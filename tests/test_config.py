@@ -128,7 +128,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["trian.max_steps=5"], r"trian: unknown key; did you mean 'train'"),
         (["data.resolutoin=512"], r"data\.resolutoin: unknown key; did you mean 'resolution'"),
         (["train.batch_size=four"], r"train\.batch_size: expected an integer, got 'four'"),
-        (["train.gradient_checkpointing=1"], r"train\.gradient_checkpointing: expected true or false"),
+        (["train.gradient_checkpointing=1"], r"train\.gradient_checkpointing: expected true \| false \| 'block' \| 'layer' \| 'transformer', got"),
         (["train.mixed_precision=bf61"], r"train\.mixed_precision: must be one of .*did you mean 'bf16'"),
         (["optim.name=adamw8bti"], r"optim\.name: .*did you mean 'adamw8bit'"),
         (["optim.scheduler=cosin"], r"optim\.scheduler: .*did you mean 'cosine'"),

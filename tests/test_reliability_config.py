@@ -23,7 +23,7 @@ CASES = {
     # wrong types
     "int-as-word": (["train.batch_size=two"], r"train\.batch_size: expected an integer, got 'two'"),
     "float-for-int": (["lora.rank=1.5"], r"lora\.rank: expected an integer, got 1\.5"),
-    "bool-as-word": (["train.gradient_checkpointing=maybe"], r"train\.gradient_checkpointing: expected true or false"),
+    "bool-as-word": (["train.gradient_checkpointing=maybe"], r"train\.gradient_checkpointing: expected true \| false \| 'block' \| 'layer' \| 'transformer', got"),
     "short-list": (["optim.betas=[0.9]"], r"optim\.betas: expected a list of 2 values"),
     "negative-lr": (["optim.lr=-1"], r"optim\.lr: must be > 0"),
     # impossible combinations

@@ -97,6 +97,16 @@ class Checkpoint:
     trainer_state: dict
 
 
+def layout_mismatch(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
+    """None when `saved` has exactly the keys and shapes of `own`, else a one-line summary."""
+    missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
+    reshaped = [k for k in own if k in saved and saved[k].shape != own[k].shape]
+    if not (missing or unexpected or reshaped):
+        return None
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped tensors, "
+            f"e.g. {(missing or unexpected or reshaped)[0]}")
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".part")
     torch.save(obj, tmp)

@@ -28,7 +28,7 @@ def training_metadata(cfg: Config, *, step: int, epoch: int, num_images: int, ba
         "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_noise_offset": f"{t.noise_offset:g}",
         "ss_min_snr_gamma": "" if t.min_snr_gamma is None else f"{t.min_snr_gamma:g}",
         "ss_zero_terminal_snr": str(t.zero_terminal_snr), "ss_prediction_type": prediction_type,
-        "ss_cache_latents": str(d.cache_latents), "ss_gradient_checkpointing": str(t.gradient_checkpointing),
+        "ss_cache_latents": str(d.cache_latents), "ss_gradient_checkpointing": str(bool(t.gradient_checkpointing)),
         "ss_caption_dropout_rate": f"{max(s.caption_dropout for s in subsets):g}",
         "ss_flip_aug": str(any(s.flip for s in subsets)), "ss_shuffle_caption": str(any(s.shuffle_tags for s in subsets)),
         "ss_keep_tokens": str(d.keep_tokens), "ss_sd_model_name": cfg.model.source,

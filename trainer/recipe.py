@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, layout_mismatch
 from .config import Config, save_config
 from .metadata import training_metadata
 from .monitor import TrainingMonitor
@@ -210,8 +210,8 @@ class LoRATrainingRecipe:
         bundle.requires_grad_(False)
         for module in bundle.modules().values():
             module.eval()  # frozen base: no dropout; adapters switch to train mode below
-        if self.cfg.train.gradient_checkpointing:
-            bundle.unet.set_gradient_checkpointing(True)
+        if granularity := self.cfg.train.gradient_checkpointing:
+            bundle.unet.set_gradient_checkpointing(True, "block" if granularity is True else granularity)
         return bundle
 
     def _inject_lora(self) -> None:
@@ -231,6 +231,10 @@ class LoRATrainingRecipe:
             raise TrainingError(f"lora: {exc}") from None
         self.network.to(self.device)
         self.network.train()
+        if t.channels_last:  # after injection, so LoCon adapter convs follow too
+            self.bundle.unet.to(memory_format=torch.channels_last)
+        if t.compile:  # after injection: the traced graphs include the adapters
+            self.bundle.unet.compile_blocks()
 
     def _setup_data(self) -> None:
         from data.cache import LatentCache, TextCache
@@ -297,14 +301,10 @@ class LoRATrainingRecipe:
         if path is None:
             return 0
         ck = self.ckpt.load(path)
-        own = self.network.state_dict()
-        missing, unexpected = [k for k in own if k not in ck.weights], [k for k in ck.weights if k not in own]
-        reshaped = [k for k in own if k in ck.weights and ck.weights[k].shape != own[k].shape]
-        if missing or unexpected or reshaped:
-            raise TrainingError(f"checkpoint {path} does not match the LoRA layout of this config "
-                                f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped "
-                                f"tensors, e.g. {(missing or unexpected or reshaped)[0]}); resume with the config it "
-                                f"was trained with ({self.run_dir / 'config.yaml'})")
+        mismatch = layout_mismatch(self.network.state_dict(), ck.weights)
+        if mismatch:
+            raise TrainingError(f"checkpoint {path} does not match the LoRA layout of this config ({mismatch}); "
+                                f"resume with the config it was trained with ({self.run_dir / 'config.yaml'})")
         self.network.load_state_dict(ck.weights)
         self.optimizer.load_state_dict(ck.optimizer)
         self.scheduler.load_state_dict(ck.scheduler)
