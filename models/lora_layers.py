@@ -155,7 +155,7 @@ class LoRAAdapter(nn.Module):
     def update(self, x: torch.Tensor, use_multiplier: bool = True) -> tuple[torch.Tensor, float]:
         """(up(dropout(down(x))), scale) with the scale not yet applied, so the caller can fold it
         into an add. The branch runs in float32 unless autocast picks the compute dtype."""
-        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != self.lora_down.weight.dtype and not _autocast_enabled(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
         h = self.lora_down(x)
         scale = self.scale * self.multiplier if use_multiplier else self.scale
@@ -200,6 +200,14 @@ class LoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, dora={self.is_dora}, multiplier={self.multiplier:g}"
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False on devices without autocast (meta: shape/memory tracing)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def column_norm(weight: torch.Tensor) -> torch.Tensor:

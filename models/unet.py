@@ -262,21 +262,28 @@ class UNet(nn.Module):
         """Active checkpointing granularity, or None when off."""
         return self._checkpointing
 
-    def set_gradient_checkpointing(self, enabled: bool = True, granularity: str = "block") -> None:
+    def set_gradient_checkpointing(self, enabled: bool = True, granularity: str = "block", context_fn=None) -> None:
         """Recompute activations in backward instead of storing them.
 
         Applies whenever autograd records the forward, in train or eval mode (LoRA training keeps
         the frozen UNet in eval mode); inference under ``torch.no_grad()`` is unaffected.
 
-        granularity: "block" - each input/middle/output block as a whole (least memory);
+        granularity: "block" - each input/middle/output block as a whole (fewest saved inputs, but
+        a whole block is recomputed at once: for SDXL at 1024x1024 "layer" peaks lower);
         "layer" - each ResBlock and each BasicTransformerBlock separately;
         "transformer" - only BasicTransformerBlocks (the attention-heavy part; least recompute).
         ``enabled=False`` turns every level off.
+
+        context_fn: passed to ``torch.utils.checkpoint.checkpoint`` for every checkpointed module,
+        e.g. ``functools.partial(create_selective_checkpoint_contexts, policy)`` to keep chosen
+        ops' outputs (matmuls, attention) and recompute only the rest.
         """
         if granularity not in GRANULARITIES:
             raise ValueError(f"set_gradient_checkpointing: granularity {granularity!r} not in {GRANULARITIES}")
         on = bool(enabled)
         for m in self.modules():
+            if hasattr(m, "checkpoint_context_fn"):
+                m.checkpoint_context_fn = context_fn if on else None
             if isinstance(m, TimestepEmbedSequential):
                 m.gradient_checkpointing = on and granularity == "block" and m is not self.input_blocks[0]
             elif isinstance(m, ResBlock):

@@ -51,9 +51,12 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-def _checkpointed(fn, *args):
-    """Run ``fn(*args)`` keeping only its inputs; activations are recomputed in backward."""
-    return checkpoint(fn, *args, use_reentrant=False)
+def _checkpointed(module: nn.Module, fn, *args):
+    """Run ``fn(*args)`` keeping only its inputs; activations are recomputed in backward.
+    ``module.checkpoint_context_fn`` (see UNet.set_gradient_checkpointing) goes to torch's checkpoint."""
+    if module.checkpoint_context_fn is None:  # torch.compile traces only checkpoints without one
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=module.checkpoint_context_fn)
 
 
 class ResBlock(nn.Module):
@@ -94,10 +97,11 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1, **fk)
         self.gradient_checkpointing = False
+        self.checkpoint_context_fn = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return _checkpointed(self._forward, x, emb)
+            return _checkpointed(self, self._forward, x, emb)
         return self._forward(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -205,10 +209,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, **fk)
         self.norm3 = nn.LayerNorm(dim, **fk)
         self.gradient_checkpointing = False
+        self.checkpoint_context_fn = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return _checkpointed(self._forward, x, context)
+            return _checkpointed(self, self._forward, x, context)
         return self._forward(x, context)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -344,13 +349,14 @@ class TimestepEmbedSequential(nn.ModuleList):
     def __init__(self, *layers: nn.Module):
         super().__init__(layers)
         self.gradient_checkpointing = False
+        self.checkpoint_context_fn = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                 out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """`out_size` (H, W): what an Upsample in this entry must produce (the next skip's size),
         so latents whose sides are not multiples of the total downsampling still line up."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return _checkpointed(self._forward, x, emb, context, out_size)
+            return _checkpointed(self, self._forward, x, emb, context, out_size)
         return self._forward(x, emb, context, out_size)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,

@@ -99,3 +99,48 @@ def test_bad_granularity():
     unet, _ = make_case("tiny-sd15")
     with pytest.raises(ValueError, match="granularity"):
         unet.set_gradient_checkpointing(True, granularity="everything")
+
+
+def test_selective_checkpointing_context_fn_keeps_gradients_and_saves_what_the_policy_says():
+    """`context_fn` reaches torch's checkpoint: with a policy that keeps matmul outputs, backward
+    runs exactly the matmuls of an uncheckpointed backward (recomputing everything runs more)."""
+    from functools import partial
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in matmuls
+            return func(*args, **(kwargs or {}))
+
+    def backward_matmuls(save: bool | None):
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if save and op in matmuls else CheckpointPolicy.PREFER_RECOMPUTE
+
+        unet, inputs = make_case("tiny-sdxl")
+        if save is not None:
+            context_fn = partial(create_selective_checkpoint_contexts, policy)
+            unet.set_gradient_checkpointing(True, "transformer", context_fn=context_fn)
+        out = unet(inputs[0].clone().requires_grad_(), *inputs[1:])
+        with CountMatmuls() as mode:
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return mode.count, unet
+
+    unet, inputs = make_case("tiny-sdxl")
+    out0, gx0, grads0 = loss_and_grads(unet, inputs)
+    plain, _ = backward_matmuls(save=None)
+    recompute_all, _ = backward_matmuls(save=False)
+    saved, selective = backward_matmuls(save=True)
+    assert saved == plain < recompute_all
+    selective.zero_grad(set_to_none=True)
+    out1, gx1, grads1 = loss_and_grads(selective, inputs)
+    assert torch.allclose(out0, out1, rtol=0, atol=1e-6) and torch.allclose(gx0, gx1, rtol=0, atol=1e-6)
+    for name in grads0:
+        assert torch.allclose(grads0[name], grads1[name], rtol=1e-6, atol=1e-6), name
+    selective.set_gradient_checkpointing(False)
+    assert all(getattr(m, "checkpoint_context_fn", None) is None for m in selective.modules())

@@ -71,8 +71,9 @@ class BenchConfig:
     """Timed steps per model (after warm-up); the median step time is reported."""
     warmup: int = 2
     """Untimed steps per model first (allocator, cuDNN autotuning, torch.compile)."""
-    checkpointing: bool = False
-    """Gradient checkpointing in both models (training FLOPs then count 4x forward)."""
+    checkpointing: str | None = None
+    """Our checkpointing granularity (block | layer | transformer; diffusers: its own, per block);
+    training FLOPs then count 4x forward."""
     dtype: str | None = None
     """Base weight dtype, bf16 | fp16 | fp32 (None: bf16 on CUDA, fp32 on CPU). LoRA weights are
     always fp32; with bf16/fp16 the forward runs under autocast, as in training."""
@@ -132,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch", type=_at_least(1), default=1, help="images per step (default 1)")
     a("--steps", type=_at_least(1), default=10, help="timed steps per model (default 10)")
     a("--warmup", type=_at_least(0), default=2, help="untimed warm-up steps per model (default 2)")
-    a("--checkpointing", action="store_true", help="gradient checkpointing")
+    a("--checkpointing", nargs="?", const="block", default=None, choices=["block", "layer", "transformer"],
+      help="gradient checkpointing, optionally its granularity (default block)")
     a("--dtype", choices=list(DTYPES), default=None, help="base weight dtype (default bf16 on CUDA, fp32 on CPU)")
     a("--rank", type=_at_least(1), default=16, help="LoRA rank (default 16)")
     a("--preset", choices=list(UNET_PRESETS), default="kohya", help="LoRA target modules (default kohya)")
@@ -314,7 +316,7 @@ def _prepare(model: nn.Module, cfg: BenchConfig) -> None:
 def ours_contender(cfg, bundle, network, inputs, device, autocast) -> Contender:
     unet = bundle.unet
     if cfg.checkpointing:
-        unet.set_gradient_checkpointing(True)
+        unet.set_gradient_checkpointing(True, cfg.checkpointing)
     _prepare(unet, cfg)
     params = [p for g in network.param_groups(1e-4) for p in g["params"]]
     x, ts, ctx, y = inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y")
@@ -483,7 +485,7 @@ def print_train(r: dict, device: torch.device) -> None:
     print(f"LoRA training, {r['family']} {r['res']}x{r['res']} px (latent {r['res'] // 8}^2), batch {r['batch']}, "
           f"{r['dtype']}, rank {r['rank']} {r['preset']} ({first['lora_modules']} modules, "
           f"{first['lora_params'] / 1e6:.2f}M params), AdamW{' fused' if r['fused_adamw'] else ''}"
-          f"{', checkpointing' if r['checkpointing'] else ''}{', compile' if r['compile'] else ''}"
+          f"{', checkpointing ' + r['checkpointing'] if r['checkpointing'] else ''}{', compile' if r['compile'] else ''}"
           f"{', channels-last' if r['channels_last'] else ''}")
     peak = "n/a" if r["peak_tflops"] is None else f"{r['peak_tflops']:g}"
     print(f"UNet+LoRA forward {r['forward_gflop']:.3f} GFLOP/step; step = {r['flop_factor']}x forward; "

@@ -117,11 +117,13 @@ class TrainConfig:
     """null = start fresh, `latest` = the newest complete checkpoint of this run (fresh start if
     none), or a checkpoint directory."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision of the forward pass (`fp16` adds loss scaling)."""
+    """Autocast precision of the forward pass (`fp16` adds loss scaling). Match `model.dtype`: with
+    bf16/fp16 weights and `no`, the fp32 LoRA branches keep fp32 copies of their inputs (about 2x
+    the activation memory)."""
     gradient_checkpointing: bool | Literal["block", "layer", "transformer"] = False
     """Recompute UNet activations in the backward pass to save memory (about +33% compute).
-    `true` / `block`: each UNet block as a whole (least memory); `layer`: each ResBlock and
-    transformer block separately; `transformer`: only the transformer blocks (least recompute)."""
+    `true` / `block`: each UNet block as a whole; `layer`: each ResBlock and transformer block
+    separately (lowest peak for SDXL at 1024 px); `transformer`: only the transformer blocks."""
     compile: bool = False
     """torch.compile each UNet transformer block (after LoRA injection). The first steps are slow
     while the graphs compile; pays off on long GPU runs."""

@@ -1,0 +1,220 @@
+"""Predict the GPU memory of a LoRA training step without a GPU, on the meta device.
+
+    python -m trainer.bench_memory [--family sdxl] [--res 1024] [--batch 1] [--rank 16]
+
+The UNet (random weights never materialised), its LoRA and the optimizer state live on `meta`;
+one steady-state training step (forward, fp32 MSE loss, backward) runs there while
+
+- `LiveTensorBytes` counts the bytes of every live tensor storage (weights, adapters, AdamW
+  moments, activations saved for backward, gradients, temporaries) and keeps the peak: what
+  CUDA's `max_memory_allocated` reports, before the caching allocator's rounding and the
+  cuBLAS/cuDNN workspaces;
+- `CudaAutocast` applies CUDA autocast's casting rules (matmuls and convolutions in the low
+  precision dtype, norms / softmax / losses in float32, leaf-weight casts cached for the forward),
+  which `torch.autocast` cannot do on meta tensors;
+- attention runs as a flash kernel (q, k, v, output and log-sum-exp kept; no N x N matrix), as
+  SDPA does on an H100 at head_dim 64.
+
+It prints one row per gradient-checkpointing setting. Run the same step on a GPU with
+`python -m trainer bench --family sdxl --batch 1 --checkpointing` to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+GIB = 1024**3
+CHECKPOINTING = ("none", "transformer", "layer", "block")
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes held by live tensor storages, counted at every op, and their peak.
+
+    A storage is counted once however many views share it, from the op that creates it until
+    Python frees it (weak references on the storage objects). `track()` registers tensors that
+    exist before the mode starts (weights, optimizer state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        self.live[key] = n = storage.nbytes()
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.track(*tree_flatten(out)[0])
+        return out
+
+
+def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    if attn_mask is not None or kwargs:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+    # The CPU flash kernel has the same outputs and saved tensors as CUDA's, and a meta kernel.
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA autocast's dtype rules for the ops a UNet training step uses, on any device."""
+
+    LOW = {F.linear, F.conv1d, F.conv2d, F.conv_transpose2d, torch.matmul, torch.Tensor.matmul,
+           torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention}
+    FP32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, F.mse_loss,
+            torch.exp, torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.sum, torch.Tensor.sum, torch.norm}
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.dtype = dtype
+        # Autocast casts each trainable leaf weight once per autocast region and keeps the copy
+        # until the region ends (the forward pass, or one checkpointed recomputation).
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __exit__(self, *exc):
+        self.cache.clear()
+        return super().__exit__(*exc)
+
+    def _cast(self, x, dtype):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype and x.dtype != torch.float64):
+            return x
+        if x.is_leaf and x.requires_grad:
+            cached = self.cache.get(id(x))
+            if cached is None:
+                cached = self.cache[id(x)] = x.to(dtype)
+            return cached
+        return x.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LOW:
+            args, kwargs = tree_map(lambda x: self._cast(x, self.dtype), (args, kwargs))
+        elif func in self.FP32:
+            args, kwargs = tree_map(lambda x: self._cast(x, torch.float32), (args, kwargs))
+        if func is F.scaled_dot_product_attention:
+            return _flash_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of one steady-state step. `peak` is the predicted max_memory_allocated."""
+
+    checkpointing: str
+    weights: int
+    lora: int
+    optimizer: int
+    peak: int
+
+    @property
+    def activations(self) -> int:
+        """Peak above the resident tensors: saved activations, gradients and temporaries."""
+        return self.peak - self.weights - self.lora - self.optimizer
+
+
+def estimate_step(family: str = "sdxl", res: int | None = None, batch: int = 1, rank: int = 16,
+                  preset: str = "kohya", checkpointing: str = "none", dtype: torch.dtype = torch.bfloat16,
+                  autocast: bool = True, device: str = "meta") -> MemoryEstimate:
+    """Predicted memory of one training step of `family`'s UNet + LoRA at `res` pixels (see module doc).
+
+    Weights in `dtype`, LoRA fp32, AdamW moments fp32, latents (B,4,res/8,res/8) and cached text
+    embeddings as inputs, loss in fp32. `autocast` applies CUDA autocast rules in `dtype`.
+    `device="cpu"` runs the same step on real tensors (for small models; tests compare the two).
+    """
+    import models
+    from models.bundle import FAMILIES
+    from models.unet import sdxl_vector
+
+    bundle = models.build_model(family, device=device, dtype=dtype)
+    unet = bundle.unet
+    res = res or FAMILIES[family].resolution
+    if checkpointing != "none":
+        # Recomputations run inside backward, where function modes are not active: re-enter the
+        # autocast rules there (real autocast is restored the same way by torch's checkpoint).
+        recompute = (lambda: (nullcontext(), CudaAutocast(dtype))) if autocast else None
+        unet.set_gradient_checkpointing(True, checkpointing, context_fn=recompute)
+    network = models.inject_lora(bundle, unet=preset, rank=rank, alpha=rank)
+    unet.requires_grad_(False)
+    lora = list(network.parameters())
+    for p in lora:
+        p.requires_grad_(True)
+    moments = [torch.zeros_like(p) for p in lora for _ in range(2)]
+    c = unet.config
+    h = res // 8
+    x = torch.randn(batch, c.in_channels, h, h, device=device)
+    timesteps = torch.zeros(batch, dtype=torch.long, device=device)
+    context = torch.randn(batch, 77, c.context_dim, device=device)
+    y = None
+    if c.adm_in_channels is not None:
+        y = sdxl_vector(torch.randn(batch, c.adm_in_channels - 6 * 256, device=device),
+                        torch.randn(batch, 6, device=device))
+    target = torch.randn_like(x)
+
+    mem = LiveTensorBytes()
+    weights = list(unet.parameters()) + list(unet.buffers())
+    lora_ids = {id(p) for p in lora}
+    base = [t for t in weights if id(t) not in lora_ids]
+    with mem:
+        mem.track(*base, *lora, *moments, x, timesteps, context, target, *([y] if y is not None else []))
+        # As the training Denoiser calls it: latents in the weight dtype, cached fp32 text
+        # embeddings left to autocast.
+        if not autocast:
+            context, y = context.to(dtype), None if y is None else y.to(dtype)
+        with CudaAutocast(dtype) if autocast else nullcontext():
+            pred = unet(x.to(dtype), timesteps, context, y)
+        loss = (pred.float() - target).pow(2).mean()
+        del pred
+        loss.backward()
+        del loss
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    return MemoryEstimate(checkpointing, nbytes(base), nbytes(lora), nbytes(moments), mem.peak)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.bench_memory", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="sdxl")
+    p.add_argument("--res", type=int, default=None, help="pixels (default: the family's native size)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--preset", default="kohya")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, nargs="+", default=list(CHECKPOINTING))
+    args = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    print(f"predicted GPU memory of one training step: {args.family}, {args.res or 'native'} px, batch {args.batch}, "
+          f"LoRA rank {args.rank} {args.preset}, {args.dtype}{' autocast' if dtype != torch.float32 else ''}")
+    print(f"| checkpointing | weights GiB | LoRA GiB | AdamW GiB | activations + grads GiB | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for ckpt in args.checkpointing:
+        e = estimate_step(args.family, args.res, args.batch, args.rank, args.preset, ckpt, dtype,
+                          autocast=dtype != torch.float32)
+        print(f"| {ckpt} | {e.weights / GIB:.2f} | {e.lora / GIB:.3f} | {e.optimizer / GIB:.3f} | "
+              f"{e.activations / GIB:.2f} | **{e.peak / GIB:.2f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
