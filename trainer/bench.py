@@ -42,7 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from models.unet import GRANULARITIES
+
+from .config import DTYPE_NAMES, torch_dtype
+
 SECTIONS = ("train", "load", "data", "sample")
 H100_BF16_DENSE_TFLOPS = 989.0
 """Default peak on CUDA: H100 SXM dense bf16 tensor-core TFLOP/s (no sparsity)."""
@@ -133,9 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch", type=_at_least(1), default=1, help="images per step (default 1)")
     a("--steps", type=_at_least(1), default=10, help="timed steps per model (default 10)")
     a("--warmup", type=_at_least(0), default=2, help="untimed warm-up steps per model (default 2)")
-    a("--checkpointing", nargs="?", const="block", default=None, choices=["block", "layer", "transformer"],
+    a("--checkpointing", nargs="?", const="block", default=None, choices=GRANULARITIES,
       help="gradient checkpointing, optionally its granularity (default block)")
-    a("--dtype", choices=list(DTYPES), default=None, help="base weight dtype (default bf16 on CUDA, fp32 on CPU)")
+    a("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="base weight dtype (default bf16 on CUDA, fp32 on CPU)")
     a("--rank", type=_at_least(1), default=16, help="LoRA rank (default 16)")
     a("--preset", choices=list(UNET_PRESETS), default="kohya", help="LoRA target modules (default kohya)")
     a("--compare", choices=["diffusers"], default=None, help="also time diffusers' UNet + PEFT LoRA")
@@ -173,7 +176,7 @@ def _resolve(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if dtype_name == "fp16" and device.type != "cuda":
         raise BenchError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU")
-    return device, DTYPES[dtype_name]
+    return device, torch_dtype(dtype_name)
 
 
 def machine_description(device: torch.device) -> str:
@@ -332,7 +335,7 @@ def build_reference(unet, network) -> nn.Module:
     on the modules `network` adapts, holding the same adapter weights (fp32, scale folded in B)."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        from trainer.bench_unet import import_single_file_utils, diffusers_unet_config
+        from trainer.bench_unet import diffusers_unet_config, import_single_file_utils
 
         sfu = import_single_file_utils()
         from diffusers import UNet2DConditionModel

@@ -31,8 +31,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from models.unet import GRANULARITIES
+
+from .config import DTYPE_NAMES, torch_dtype
+
 GIB = 1024**3
-CHECKPOINTING = ("none", "transformer", "layer", "block")
+CHECKPOINTING = ("none", *GRANULARITIES)
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -200,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--preset", default="kohya")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, nargs="+", default=list(CHECKPOINTING))
     args = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     print(f"predicted GPU memory of one training step: {args.family}, {args.res or 'native'} px, batch {args.batch}, "
           f"LoRA rank {args.rank} {args.preset}, {args.dtype}{' autocast' if dtype != torch.float32 else ''}")
-    print(f"| checkpointing | weights GiB | LoRA GiB | AdamW GiB | activations + grads GiB | peak GiB |")
+    print("| checkpointing | weights GiB | LoRA GiB | AdamW GiB | activations + grads GiB | peak GiB |")
     print("|---|---|---|---|---|---|")
     for ckpt in args.checkpointing:
         e = estimate_step(args.family, args.res, args.batch, args.rank, args.preset, ckpt, dtype,

@@ -23,6 +23,16 @@ import yaml
 from data.config import DataConfig
 
 Precision = Literal["fp32", "fp16", "bf16"]
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+"""torch dtype name of each precision name used in configs and on the command line."""
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a precision name: fp32 | fp16 | bf16."""
+    import torch  # configs are read and checked without importing torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 

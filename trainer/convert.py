@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from .config import DTYPE_NAMES, torch_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="output .safetensors file or diffusers folder")
     parser.add_argument("--to", choices=("single-file", "diffusers"), default=None,
                         help="output layout (default: single-file when DST ends in .safetensors, else diffusers)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                         help="convert floating tensors (default: keep the stored dtypes)")
     parser.add_argument("--family", default=None, help="insist on a family (sdxl, sd15, sd2); default: detect")
     parser.add_argument("--vae", default=None, help="replace the VAE with this file/folder (e.g. an fp16-fix VAE)")
@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from models.diffusers_folder import save_diffusers
     from models.loading import load_model
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.src).exists() and dst.exists() and Path(args.src).resolve() == dst.resolve():
         print("error: SRC and DST are the same path", file=sys.stderr)
         return 2
-    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     # Loading in the output dtype halves peak memory for fp32 -> fp16; without --dtype the
     # stored dtypes are kept (bit-exact).
     bundle = load_model(args.src, family=args.family, dtype=dtype, vae=args.vae, unet=args.unet,

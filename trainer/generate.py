@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .config import DTYPE_NAMES, torch_dtype
 from .samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class GenerateArgumentError(ValueError):
@@ -59,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training YAML whose model/sample settings are the defaults")
     parser.add_argument("--family", default=None, help="model family when it cannot be detected (sdxl, sd15, sd2)")
     parser.add_argument("--vae", default=None, help="separate VAE file/folder replacing the model's")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="UNet/text-encoder dtype (auto: fp16 on GPU, fp32 on CPU; the SDXL VAE stays fp32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
@@ -272,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     except GenerateArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dtype = DTYPES["fp16" if device.type == "cuda" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = torch_dtype(("fp16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype)
 
     from .pipeline import Txt2ImgPipeline, save_png
 

@@ -24,7 +24,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from .config import DTYPE_NAMES, torch_dtype
+
 _BLOCK = re.compile(
     r"^(lora_unet_(?:(?:input_blocks|output_blocks|down_blocks|up_blocks)_\d+|middle_block|mid_block)"
     r"|unet\.(?:(?:down_blocks|up_blocks)\.\d+|mid_block)|lora_te\d?|text_encoder(?:_2)?)"
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="LoRA file, optionally with a strength (default 1.0); repeat for several")
     p.add_argument("--out", required=True, help="output single-file .safetensors checkpoint")
     p.add_argument("--family", default=None, help="insist on a base family (default: detect)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="dtype of the written checkpoint (default: the base checkpoint's)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p = sub.add_parser("resize", help="reduce the rank of a LoRA file by truncated SVD")
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, required=True, help="new rank of Linear / 1x1 modules")
     p.add_argument("--conv-rank", type=int, default=None, help="new rank of 3x3 conv modules (default: --rank)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="output dtype (default: the input's)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="output dtype (default: the input's)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
@@ -169,7 +170,6 @@ def _out_problem(out: Path, force: bool) -> str | None:
 
 
 def merge(args: argparse.Namespace) -> int:
-    import torch
 
     from models.loading import load_model
     from models.lora_files import load_lora
@@ -190,7 +190,7 @@ def merge(args: argparse.Namespace) -> int:
         net.merge(keep_original=False)
         net.remove(keep_merged=True)
         print(f"merged {file} at strength {strength:g} ({len(net.refs())} modules)")
-    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     save_single_file(bundle, out, dtype=dtype)
     print(f"wrote {out} (family {bundle.family})")
     return 0
@@ -246,7 +246,7 @@ def resize(args: argparse.Namespace) -> int:
         return 2
     tensors, metadata = read_lora_file(args.file)
     in_dtype = next((t.dtype for k, t in tensors.items() if k.endswith(".lora_down.weight")), torch.float32)
-    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else in_dtype
+    dtype = torch_dtype(args.dtype) if args.dtype else in_dtype
     new, report = resize_tensors(tensors, args.rank, args.conv_rank)
     new = {k: v.to(dtype) for k, v in new.items()}
     meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}

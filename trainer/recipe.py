@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, layout_mismatch
-from .config import Config, save_config
+from .config import Config, save_config, torch_dtype
 from .metadata import training_metadata
 from .monitor import TrainingMonitor
 from .objective import DiffusionObjective, sample_seed, to_device
@@ -41,7 +41,6 @@ from .validation import render_samples
 
 log = logging.getLogger("trainer")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LATENT_SEED_OFFSET = 0x1A7E  # separates latent-sampling seeds from noise/timestep seeds
 
 
@@ -191,7 +190,7 @@ class LoRATrainingRecipe:
         from models.bundle import FAMILIES
 
         m = self.cfg.model
-        dtype = DTYPES[m.dtype]
+        dtype = torch_dtype(m.dtype)
         if m.source in FAMILIES:
             if m.family is not None and m.family != m.source:
                 raise TrainingError(f"model.family={m.family!r} contradicts model.source={m.source!r}")
@@ -205,7 +204,7 @@ class LoRATrainingRecipe:
             bundle = models.load_model(m.source, family=m.family, dtype=dtype, vae=m.vae, variant=m.variant,
                                        allow_pickle=m.allow_pickle, prediction_type=m.prediction_type)
         vae_dtype = m.vae_dtype or ("fp32" if getattr(bundle.vae.config, "force_upcast", False) else m.dtype)
-        bundle.vae.to(dtype=DTYPES[vae_dtype])
+        bundle.vae.to(dtype=torch_dtype(vae_dtype))
         bundle.to(device=self.device)
         bundle.requires_grad_(False)
         for module in bundle.modules().values():
@@ -506,7 +505,7 @@ class LoRATrainingRecipe:
         self._check_finite()
         if self.is_main:
             try:
-                self.network.save(path, dtype=DTYPES[self.cfg.output.export_dtype], metadata=self._export_metadata())
+                self.network.save(path, dtype=torch_dtype(self.cfg.output.export_dtype), metadata=self._export_metadata())
             except OSError as exc:
                 raise TrainingError(f"could not write the LoRA {path} ({exc.strerror or exc}); training state up to "
                                     f"{self.ckpt.latest() or 'the start'} is saved: free disk space or make the "
