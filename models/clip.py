@@ -13,7 +13,7 @@ are converted by `models.openclip_keys.openclip_to_hf`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,9 +83,6 @@ class CLIPTextConfig:
         except KeyError:
             raise ValueError(f"unknown CLIP text preset {name!r}; known presets: {', '.join(_PRESETS)}") from None
         return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 _PRESETS: dict[str, dict] = {

@@ -511,48 +511,27 @@ def print_train(r: dict, device: torch.device) -> None:
 
 # ===================================================================== other sections ==
 def bench_load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """Checkpoint load time and peak memory via `trainer.bench_load` (a random fp16 single-file
-    checkpoint of the family is written to a temporary folder, then loaded to the CPU in this
-    process), or, without that module, build_model on meta + materialise + random-init times."""
-    try:
-        from trainer import bench_load as loader_bench
-    except ImportError:
-        loader_bench = None
-    if loader_bench is not None and hasattr(loader_bench, "generate") and hasattr(loader_bench, "measure"):
-        import tempfile
-        from pathlib import Path
+    """Checkpoint load time and peak memory via `trainer.bench_load`: a random fp16 single-file
+    checkpoint of the family is written to a temporary folder, then loaded to the CPU in this process."""
+    import tempfile
+    from pathlib import Path
 
-        with tempfile.TemporaryDirectory(prefix="lorasmith-bench-load-") as tmp:
-            t0 = time.perf_counter()
-            source = loader_bench.generate("single-file", Path(tmp), cfg.family)
-            written = time.perf_counter() - t0
-            r = loader_bench.measure(source, "assign")
-            size = source.stat().st_size
-        return {"source": "trainer.bench_load", "file_gib": size / GIB, "write_s": written, "load_s": r["load_s"],
-                "ready_s": r["ready_s"], "peak_rss_increase_gib": (r["peak_rss"] - r["rss_before"]) / GIB,
-                "param_gib": r["param_bytes"] / GIB}
-    import models
+    from trainer import bench_load as loader_bench
 
-    t0 = time.perf_counter()
-    bundle = models.build_model(cfg.family, device="meta", dtype=dtype)
-    t1 = time.perf_counter()
-    for module in bundle.modules().values():
-        module.to_empty(device=device)
-    _sync(device)
-    t2 = time.perf_counter()
-    models.build_model(cfg.family, device=device, dtype=dtype, seed=cfg.seed)
-    _sync(device)
-    return {"source": "build_model", "meta_build_s": t1 - t0, "materialise_s": t2 - t1,
-            "random_init_s": time.perf_counter() - t2}
+    with tempfile.TemporaryDirectory(prefix="lorasmith-bench-load-") as tmp:
+        t0 = time.perf_counter()
+        source = loader_bench.generate("single-file", Path(tmp), cfg.family)
+        written = time.perf_counter() - t0
+        r = loader_bench.measure(source, "assign")
+        size = source.stat().st_size
+    return {"source": "trainer.bench_load", "file_gib": size / GIB, "write_s": written, "load_s": r["load_s"],
+            "ready_s": r["ready_s"], "peak_rss_increase_gib": (r["peak_rss"] - r["rss_before"]) / GIB,
+            "param_gib": r["param_bytes"] / GIB}
 
 
 def print_load(r: dict) -> None:
-    if r["source"] == "trainer.bench_load":
-        print(f"model load (single-file fp16 {r['file_gib']:.3f} GiB to CPU, page cache warm): load {r['load_s']:.2f} s, "
-              f"ready {r['ready_s']:.2f} s, peak RSS +{r['peak_rss_increase_gib']:.3f} GiB for {r['param_gib']:.3f} GiB")
-    else:
-        print(f"model build (random weights): meta {r['meta_build_s']:.2f} s, materialise {r['materialise_s']:.2f} s, "
-              f"with random init {r['random_init_s']:.2f} s")
+    print(f"model load (single-file fp16 {r['file_gib']:.3f} GiB to CPU, page cache warm): load {r['load_s']:.2f} s, "
+          f"ready {r['ready_s']:.2f} s, peak RSS +{r['peak_rss_increase_gib']:.3f} GiB for {r['param_gib']:.3f} GiB")
 
 
 def bench_data(cfg: BenchConfig) -> dict:

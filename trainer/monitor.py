@@ -56,8 +56,6 @@ class TrainingMonitor:
                             file=sys.stderr)
         self._last_time = time.perf_counter()
         self._last_step = start_step
-        self.start_time = self._last_time
-        self.start_step = start_step
 
     def step(self) -> None:
         """One optimizer step finished (no device synchronisation)."""

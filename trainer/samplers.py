@@ -31,9 +31,9 @@ from typing import Protocol
 
 import torch
 
+from .objective import PREDICTION_TYPES
 from .schedule import NoiseSchedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
