@@ -43,7 +43,7 @@ _EXPORTS = {
     "build_caches": "data.cache",
     "check_latent_cache_allowed": "data.cache",
     "check_text_cache_allowed": "data.cache",
-    "benchmark_pipeline": "data.bench",
+    "benchmark_pipeline": "trainer.bench.data",
 }
 
 __all__ = sorted(_EXPORTS)

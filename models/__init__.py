@@ -26,14 +26,14 @@ _EXPORTS = {
     "FamilySpec": "models.bundle",
     "FAMILIES": "models.bundle",
     "build_model": "models.bundle",
-    "load_model": "models.loading",
-    "ModelLoadError": "models.loading",
-    "LoRALinear": "models.lora_layers",
-    "LoRAConv2d": "models.lora_layers",
-    "LoRANetwork": "models.lora",
-    "inject_lora": "models.lora",
-    "load_lora": "models.lora_files",
-    "LoRAFileError": "models.lora_files",
+    "load_model": "models.checkpoints.loading",
+    "ModelLoadError": "models.checkpoints.loading",
+    "LoRALinear": "models.lora.layers",
+    "LoRAConv2d": "models.lora.layers",
+    "LoRANetwork": "models.lora.network",
+    "inject_lora": "models.lora.network",
+    "load_lora": "models.lora.files",
+    "LoRAFileError": "models.lora.files",
 }
 
 __all__ = sorted(_EXPORTS)

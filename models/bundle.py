@@ -176,7 +176,7 @@ def build_model(
     configs = [UNetConfig.preset(spec.unet), VAEConfig.preset(spec.vae)]
     configs += [CLIPTextConfig.preset(name) for name in spec.text_encoders]
     if device.type == "meta":
-        from .single_file import meta_module  # imports this module: resolve at call time
+        from .checkpoints.single_file import meta_module  # imports this module: resolve at call time
 
         # Shapes only: skipping init avoids running initialisers on meta tensors for nothing.
         unet, vae, *encoders = [meta_module(c) for c in configs]

@@ -3,7 +3,7 @@ OpenCLIP ViT-bigG/14 (SDXL te2).
 
 Parameter names follow the Hugging Face `CLIPTextModel` layout (`text_model.encoder.layers.N...`),
 which is also how SD1.5/SDXL single-file checkpoints store CLIP-L. OpenCLIP checkpoints (bigG, ViT-H)
-are converted by `models.openclip_keys.openclip_to_hf`.
+are converted by `models.checkpoints.openclip_keys.openclip_to_hf`.
 
     enc = CLIPTextEncoder(CLIPTextConfig.preset("bigg"))
     out = enc(input_ids)                      # input_ids: (B, 77) int64

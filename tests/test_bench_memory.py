@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.bench_memory import GIB, CudaAutocast, LiveTensorBytes, estimate_step, main
+from trainer.bench.memory import GIB, CudaAutocast, LiveTensorBytes, estimate_step, main
 
 
 def test_counter_follows_allocations_frees_and_views():

@@ -2,14 +2,14 @@
 
 Tiny configs, random weights (LayerNorms included), CPU float32, relative error <= 1e-5 as
 (ours - ref).norm() / ref.norm(). Weight mapping: transformers -> ours by identical names (minus
-`HF_IGNORED_KEYS`); open_clip -> ours through `models.openclip_keys.openclip_to_hf`.
+`HF_IGNORED_KEYS`); open_clip -> ours through `models.checkpoints.openclip_keys.openclip_to_hf`.
 """
 import pytest
 import torch
 from torch import nn
 
 from models.clip import CLIPTextConfig, CLIPTextEncoder
-from models.openclip_keys import HF_IGNORED_KEYS, hf_to_openclip, openclip_to_hf
+from models.checkpoints.openclip_keys import HF_IGNORED_KEYS, hf_to_openclip, openclip_to_hf
 
 BOS, EOS = 49406, 49407
 TOL = 1e-5

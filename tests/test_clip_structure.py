@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.clip import CLIPTextConfig, CLIPTextEncoder
-from models.openclip_keys import (
+from models.checkpoints.openclip_keys import (
     HF_IGNORED_KEYS,
     OPENCLIP_IGNORED_KEYS,
     hf_to_openclip,

@@ -37,7 +37,7 @@ def _in_repo(monkeypatch):
 def no_model_loading(monkeypatch):
     """Fail the test if anything tries to build or load a model."""
     import models.bundle
-    import models.loading
+    import models.checkpoints.loading
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was validated")
@@ -46,7 +46,7 @@ def no_model_loading(monkeypatch):
     # them, so patching the submodules first would make the package cache (and later restore) `boom`.
     monkeypatch.setattr("models.load_model", boom)
     monkeypatch.setattr("models.build_model", boom)
-    monkeypatch.setattr(models.loading, "load_model", boom)
+    monkeypatch.setattr(models.checkpoints.loading, "load_model", boom)
     monkeypatch.setattr(models.bundle, "build_model", boom)
 
 

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 import models
 from models.bundle import build_model
-from models.diffusers_folder import save_diffusers
-from models.single_file import save_single_file, single_file_state_dict
+from models.checkpoints.diffusers_folder import save_diffusers
+from models.checkpoints.single_file import save_single_file, single_file_state_dict
 from trainer.__main__ import main as cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -77,7 +77,7 @@ def test_convert_dtype_force_and_errors(tmp_path, capsys):
 
 
 def test_pickle_converts_only_with_allow_pickle(tmp_path, capsys):
-    from models.single_file import single_file_state_dict as sfsd
+    from models.checkpoints.single_file import single_file_state_dict as sfsd
 
     bundle = build_model("tiny-sd15", seed=5)
     ckpt = tmp_path / "model.ckpt"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.bench import benchmark_pipeline
+from trainer.bench.data import benchmark_pipeline
 from data.config import DataConfig
 from data.dataset import build_dataset
 from data.loader import DevicePrefetcher, build_dataloader, collate_batch

@@ -1,10 +1,10 @@
-"""trainer.bench_load on a tiny family: generation writes loadable checkpoints in both layouts and
+"""trainer.bench.load on a tiny family: generation writes loadable checkpoints in both layouts and
 a measurement reports peak RSS / timings (the full-size run is manual, see the module docstring)."""
 import pytest
 import torch
 
-from models.loading import load_model
-from trainer import bench_load
+from models.checkpoints.loading import load_model
+from trainer.bench import load as bench_load
 
 
 @pytest.mark.parametrize("layout", ["single-file", "diffusers"])

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file as oracle_save
 
 from models.bundle import build_model
-from models.loading import ModelLoadError, load_model
-from models.single_file import save_single_file, single_file_state_dict
+from models.checkpoints.loading import ModelLoadError, load_model
+from models.checkpoints.single_file import save_single_file, single_file_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_missing_unexpected_and_misshaped_tensors(sd15_state, tmp_path):
 
 
 def test_diffusers_folder_problems(tmp_path):
-    from models.diffusers_folder import save_diffusers
+    from models.checkpoints.diffusers_folder import save_diffusers
 
     folder = save_diffusers(build_model("tiny-sd15", seed=2), tmp_path / "pipe")
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()

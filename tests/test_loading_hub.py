@@ -10,10 +10,10 @@ import torch
 from huggingface_hub import errors as hf_errors
 
 from models.bundle import build_model
-from models.diffusers_folder import save_diffusers
-from models.hub import HubRef, parse_hub_source
-from models.loading import ModelLoadError, load_model
-from models.single_file import save_single_file
+from models.checkpoints.diffusers_folder import save_diffusers
+from models.checkpoints.hub import HubRef, parse_hub_source
+from models.checkpoints.loading import ModelLoadError, load_model
+from models.checkpoints.single_file import save_single_file
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""models.diffusers_keys: ldm <-> diffusers names and config.json mapping, checked against diffusers'
+"""models.checkpoints.diffusers_keys: ldm <-> diffusers names and config.json mapping, checked against diffusers'
 own converters (`convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`) for every preset,
 full-size ones on the meta device."""
 import pytest
 import torch
 
-from models.diffusers_keys import (
+from models.checkpoints.diffusers_keys import (
     UnsupportedConfigError,
     clip_config_from_transformers,
     is_vae_attention_matrix,

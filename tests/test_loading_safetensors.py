@@ -1,4 +1,4 @@
-"""models.safetensors_io: validated memory-mapped reading, sharded indexes, atomic streaming writes.
+"""models.checkpoints.safetensors_io: validated memory-mapped reading, sharded indexes, atomic streaming writes.
 The `safetensors` package is the oracle for the file format in both directions."""
 import json
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file as oracle_load
 from safetensors.torch import save_file as oracle_save
 
-from models.safetensors_io import (
+from models.checkpoints.safetensors_io import (
     SafetensorsError,
     TensorStore,
     read_header,
@@ -113,8 +113,8 @@ def test_zero_copy_views_are_private_and_outlive_the_store(tmp_path):
     import gc
 
     from models.bundle import build_model
-    from models.loading import load_model
-    from models.single_file import save_single_file
+    from models.checkpoints.loading import load_model
+    from models.checkpoints.single_file import save_single_file
 
     path = save_single_file(build_model("tiny-sd15", seed=9), tmp_path / "m.safetensors")
     before = path.read_bytes()
@@ -132,8 +132,8 @@ def test_zero_copy_views_are_private_and_outlive_the_store(tmp_path):
 @pytest.mark.gpu
 def test_load_straight_to_cuda_in_half(tmp_path):
     from models.bundle import build_model
-    from models.loading import load_model
-    from models.single_file import save_single_file
+    from models.checkpoints.loading import load_model
+    from models.checkpoints.single_file import save_single_file
 
     bundle = build_model("tiny-sdxl", seed=10)
     path = save_single_file(bundle, tmp_path / "m.safetensors")

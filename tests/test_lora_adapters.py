@@ -7,7 +7,7 @@ import torch
 
 import models
 from models.bundle import build_model
-from models.lora import LoRAConv2d, LoRALinear
+from models.lora.network import LoRAConv2d, LoRALinear
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import torch
 
 import models
 from models.bundle import build_model
-from models.lora_files import load_lora
+from models.lora.files import load_lora
 from trainer.__main__ import main
 
 
@@ -60,8 +60,8 @@ def test_inspect_of_a_broken_file_is_a_user_error(tmp_path, capsys):
 
 
 def test_merge_writes_a_checkpoint_equal_to_the_live_loras(tmp_path, capsys):
-    from models.loading import load_model
-    from models.single_file import save_single_file
+    from models.checkpoints.loading import load_model
+    from models.checkpoints.single_file import save_single_file
 
     base = build_model("tiny-sd15", seed=0)
     base_path = tmp_path / "base.safetensors"

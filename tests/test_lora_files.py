@@ -12,7 +12,7 @@ import torch
 
 import models
 from models.bundle import build_model
-from models.lora_files import LoRAFileError, load_lora
+from models.lora.files import LoRAFileError, load_lora
 
 
 def rel(a, b):

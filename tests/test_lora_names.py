@@ -10,7 +10,7 @@ import torch
 
 import models
 from models.bundle import build_model
-from models.lora_names import layers_per_block, unet_diffusers_path
+from models.lora.names import layers_per_block, unet_diffusers_path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -81,7 +81,7 @@ def test_every_exported_name_hits_the_comfyui_target(family, fixture, request):
 
 def test_sdxl_diffusers_spelling_and_peft_paths_match_table(sdxl):
     rows = list(csv.reader((FIXTURES / "sdxl_ldm_vs_diffusers_lora_names.tsv").open(), delimiter="\t"))[1:]
-    table = models.lora.name_table(sdxl)
+    table = models.lora.network.name_table(sdxl)
     for ldm_name, diff_name, peft_path, *_ in rows:
         ref = table.from_kohya(ldm_name)
         assert ref is not None and ref.kohya == ldm_name, ldm_name
@@ -100,7 +100,7 @@ def test_sd15_ldm_to_diffusers_map_matches_comfy_table(sd15):
         ldm = target[len("diffusion_model."):-len(".weight")]
         assert "lora_unet_" + unet_diffusers_path(ldm, n_layers).replace(".", "_") == kohya
     # ldm spelling of an SD1.5 module is accepted on import too (ComfyUI does)
-    table = models.lora.name_table(sd15)
+    table = models.lora.network.name_table(sd15)
     assert table.from_kohya("lora_unet_input_blocks_1_1_proj_in").kohya == "lora_unet_down_blocks_0_attentions_0_proj_in"
 
 

@@ -11,7 +11,7 @@ import torch
 
 import models
 from reference_models import diffusers_unet
-from trainer.pipeline import GenerationParams, Txt2ImgPipeline, benchmark_sampling, save_png
+from trainer.sampling.pipeline import GenerationParams, Txt2ImgPipeline, benchmark_sampling, save_png
 
 PROMPT, NEGATIVE = "a red fox in the snow, watercolor", "blurry, low quality"
 
@@ -265,7 +265,7 @@ def test_generate_cli_bad_arguments(tmp_path, capsys, extra, message):
 
 
 def test_parse_helpers():
-    from trainer.generate import GenerateArgumentError, parse_lora, parse_size
+    from trainer.cli.generate import GenerateArgumentError, parse_lora, parse_size
 
     assert parse_size("1024x768") == (1024, 768) and parse_size("512") == (512, 512)
     with pytest.raises(GenerateArgumentError):

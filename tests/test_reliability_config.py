@@ -51,7 +51,7 @@ CASES = {
 def nothing_loads(monkeypatch):
     """Fail loudly if a model is built or loaded, or the recipe is even set up."""
     import models.bundle
-    import models.loading
+    import models.checkpoints.loading
     import trainer.recipe
 
     def boom(*args, **kwargs):
@@ -59,7 +59,7 @@ def nothing_loads(monkeypatch):
 
     monkeypatch.setattr("models.load_model", boom)
     monkeypatch.setattr("models.build_model", boom)
-    monkeypatch.setattr(models.loading, "load_model", boom)
+    monkeypatch.setattr(models.checkpoints.loading, "load_model", boom)
     monkeypatch.setattr(models.bundle, "build_model", boom)
     monkeypatch.setattr(trainer.recipe.LoRATrainingRecipe, "setup", boom)
 

@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 def files(tmp_path_factory) -> dict[str, Path]:
     """Base models and LoRAs of the tiny families, and broken variants of them."""
     import models
-    from models.single_file import save_single_file, single_file_state_dict
+    from models.checkpoints.single_file import save_single_file, single_file_state_dict
 
     out = tmp_path_factory.mktemp("files")
     sd15 = models.build_model("tiny-sd15", seed=1)
@@ -92,7 +92,7 @@ def test_bad_file_gets_one_clear_error_and_no_traceback(files, results, case):
 
 def test_debug_shows_the_traceback(files, tmp_path):
     """--debug re-raises instead of printing one line (in-process: the exception propagates)."""
-    from models.loading import ModelLoadError
+    from models.checkpoints.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="is truncated"):
         cli.main(["--debug", *TRAIN, f"output.dir={tmp_path}", f"data.path={files['data']}",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.samplers import SAMPLER_NAMES, get_sampler, karras_sigmas, spaced_timesteps
+from trainer.sampling.samplers import SAMPLER_NAMES, get_sampler, karras_sigmas, spaced_timesteps
 from trainer.schedule import NoiseSchedule
 
 SD_CONFIG = dict(

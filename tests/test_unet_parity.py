@@ -162,8 +162,8 @@ def test_timestep_embedding_matches_diffusers():
 
 
 def test_bench_builds_matching_reference():
-    """trainer.bench_unet times the same network on both sides: its diffusers copy must agree."""
-    from trainer.bench_unet import compare
+    """trainer.bench.unet times the same network on both sides: its diffusers copy must agree."""
+    from trainer.bench.unet import compare
 
     result = compare("tiny-sdxl", batch=1, res=8, steps=1, warmup=0)
     assert result["rel_err"] <= 1e-5

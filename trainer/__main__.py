@@ -19,10 +19,10 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.__main__", "train a LoRA from a YAML config (the default subcommand)"),
-    "generate": ("trainer.generate", "generate images with a base model and optional LoRAs"),
-    "convert": ("trainer.convert", "convert checkpoints and LoRA files between formats"),
-    "lora": ("trainer.lora_cli", "inspect, merge or resize LoRA files"),
-    "bench": ("trainer.bench", "measure training / sampling throughput"),
+    "generate": ("trainer.cli.generate", "generate images with a base model and optional LoRAs"),
+    "convert": ("trainer.cli.convert", "convert checkpoints and LoRA files between formats"),
+    "lora": ("trainer.cli.lora", "inspect, merge or resize LoRA files"),
+    "bench": ("trainer.bench.train", "measure training / sampling throughput"),
 }
 
 # Exceptions that mean "the input is wrong" (exit 2, no traceback): (module, class name). They are
@@ -32,8 +32,8 @@ _USER_ERRORS = (
     ("trainer.config", "ConfigError"),
     ("trainer.checkpoint", "CheckpointError"),
     ("trainer.optim", "OptimizerUnavailable"),
-    ("models.loading", "ModelLoadError"),
-    ("models.lora_files", "LoRAFileError"),
+    ("models.checkpoints.loading", "ModelLoadError"),
+    ("models.lora.files", "LoRAFileError"),
     ("data.errors", "DataError"),
 )
 _USER_BUILTINS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)

@@ -159,7 +159,7 @@ def _check_sample_output(cfg: Config) -> None:
     _at_least(s, "sample", "steps", 1)
     _at_least(s, "sample", "cfg", 0)
     _at_least(s, "sample", "size", 8)
-    from .samplers import SAMPLER_NAMES
+    from .sampling.samplers import SAMPLER_NAMES
 
     _choice("sample.sampler", s.sampler, SAMPLER_NAMES)
     if s.every and not s.prompts:

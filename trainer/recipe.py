@@ -37,7 +37,7 @@ from .monitor import TrainingMonitor
 from .objective import DiffusionObjective, sample_seed, to_device
 from .optim import build_optimizer, build_scheduler
 from .schedule import NoiseSchedule
-from .validation import render_samples
+from .samples import render_samples
 
 log = logging.getLogger("trainer")
 

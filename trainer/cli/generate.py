@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPE_NAMES, torch_dtype
-from .samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS
+from ..config import DTYPE_NAMES, torch_dtype
+from ..sampling.samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS
 
 
 class GenerateArgumentError(ValueError):
@@ -152,7 +152,7 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
     """Merge flags with the optional training config; raises GenerateArgumentError."""
     cfg = None
     if args.config:
-        from .config import load_config
+        from ..config import load_config
 
         cfg = load_config(args.config, check=False)
 
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dtype = torch_dtype(("fp16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype)
 
-    from .pipeline import Txt2ImgPipeline, save_png
+    from ..sampling.pipeline import Txt2ImgPipeline, save_png
 
     t0 = time.perf_counter()
     try:

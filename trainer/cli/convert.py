@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import DTYPE_NAMES, torch_dtype
+from ..config import DTYPE_NAMES, torch_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    from models.diffusers_folder import save_diffusers
-    from models.loading import load_model
-    from models.single_file import save_single_file
+    from models.checkpoints.diffusers_folder import save_diffusers
+    from models.checkpoints.loading import load_model
+    from models.checkpoints.single_file import save_single_file
 
     dst = Path(args.dst)
     layout = args.to or ("single-file" if dst.suffix == ".safetensors" else "diffusers")

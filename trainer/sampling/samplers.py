@@ -31,8 +31,8 @@ from typing import Protocol
 
 import torch
 
-from .objective import PREDICTION_TYPES
-from .schedule import NoiseSchedule
+from ..objective import PREDICTION_TYPES
+from ..schedule import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 

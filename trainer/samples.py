@@ -29,7 +29,7 @@ def render_samples(bundle, network, sample_cfg, *, size: int, device: torch.devi
     duration; parts that were offloaded to the CPU after caching visit `device` and go back.
     Zero-terminal-SNR models sample with "trailing" timesteps, which reach the last step.
     """
-    from .pipeline import Txt2ImgPipeline
+    from .sampling.pipeline import Txt2ImgPipeline
 
     pipe = Txt2ImgPipeline(bundle, sampler=sample_cfg.sampler, zero_terminal_snr=zero_terminal_snr,
                            timestep_spacing="trailing" if zero_terminal_snr else "leading",

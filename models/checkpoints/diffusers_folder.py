@@ -31,7 +31,7 @@ from .diffusers_keys import (
     vae_to_diffusers_key,
 )
 from .safetensors_io import save_file
-from .tokenizer import CLIPTokenizer
+from ..tokenizer import CLIPTokenizer
 
 __all__ = [
     "PICKLE_SUFFIXES",

@@ -1,6 +1,6 @@
 """Time forward+backward of the native UNet against diffusers' UNet2DConditionModel.
 
-    python -m trainer.bench_unet [--config tiny-sdxl] [--batch 2] [--res 64] [--steps 10]
+    python -m trainer.bench.unet [--config tiny-sdxl] [--batch 2] [--res 64] [--steps 10]
 
 Both models get the same config, the same weights (ours random, moved to diffusers through its own
 ``convert_ldm_unet_checkpoint``) and the same inputs, in one process; runs alternate between the two
@@ -160,7 +160,7 @@ def compare(config: str, batch: int, res: int, steps: int, warmup: int = 2) -> d
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench_unet", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.bench.unet", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny-sdxl", help="UNet preset or mid-sdxl / mid-sd15")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--res", type=int, default=64, help="latent height = width")

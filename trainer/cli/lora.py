@@ -24,7 +24,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .config import DTYPE_NAMES, torch_dtype
+from ..config import DTYPE_NAMES, torch_dtype
 
 _BLOCK = re.compile(
     r"^(lora_unet_(?:(?:input_blocks|output_blocks|down_blocks|up_blocks)_\d+|middle_block|mid_block)"
@@ -75,7 +75,7 @@ def _short(value: str, limit: int = 160) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from models.lora_files import guess_family, parse_lora_tensors, read_lora_file
+    from models.lora.files import guess_family, parse_lora_tensors, read_lora_file
 
     path = Path(args.file)
     tensors, metadata = read_lora_file(path)
@@ -128,7 +128,7 @@ def _block_order(block: str):
 
 def _key_check(tensors, metadata, family: str, path: Path) -> int:
     from models.bundle import FAMILIES, build_model
-    from models.lora_files import LoRAFileError, network_from_tensors
+    from models.lora.files import LoRAFileError, network_from_tensors
 
     if family not in FAMILIES:
         print(f"error: unknown family {family!r}; choose one of {', '.join(FAMILIES)}", file=sys.stderr)
@@ -171,9 +171,9 @@ def _out_problem(out: Path, force: bool) -> str | None:
 
 def merge(args: argparse.Namespace) -> int:
 
-    from models.loading import load_model
-    from models.lora_files import load_lora
-    from models.single_file import save_single_file
+    from models.checkpoints.loading import load_model
+    from models.lora.files import load_lora
+    from models.checkpoints.single_file import save_single_file
 
     out = Path(args.out)
     if (problem := _out_problem(out, args.force)) is not None:
@@ -206,7 +206,7 @@ def resize_tensors(tensors: dict, rank: int, conv_rank: int | None = None) -> tu
     """
     import torch
 
-    from models.lora_files import LoRAFileError, parse_lora_tensors
+    from models.lora.files import LoRAFileError, parse_lora_tensors
 
     modules, unknown = parse_lora_tensors(tensors)
     if unknown or any(not n.startswith("lora_") for n in modules):
@@ -238,7 +238,7 @@ def resize_tensors(tensors: dict, rank: int, conv_rank: int | None = None) -> tu
 def resize(args: argparse.Namespace) -> int:
     import torch
 
-    from models.lora_files import read_lora_file, write_lora_file
+    from models.lora.files import read_lora_file, write_lora_file
 
     out = Path(args.out)
     if (problem := _out_problem(out, args.force)) is not None:

@@ -32,9 +32,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .bundle import FAMILIES
-from .lora import LoRAConfig, LoRANetwork, LoRATarget
-from .lora_names import LoRANameTable, ModuleRef, components_of, name_table
+from ..bundle import FAMILIES
+from .network import LoRAConfig, LoRANetwork, LoRATarget
+from .names import LoRANameTable, ModuleRef, components_of, name_table
 
 __all__ = [
     "LoRAFileError",

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import re
 
-from .clip import CLIPTextConfig
-from .unet import SDXL_SIZE_EMBED_DIM, UNetConfig
-from .vae import VAEConfig
+from ..clip import CLIPTextConfig
+from ..unet import SDXL_SIZE_EMBED_DIM, UNetConfig
+from ..vae import VAEConfig
 
 __all__ = [
     "VAE_DIFFUSERS_LEGACY_NAMES",

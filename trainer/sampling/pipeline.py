@@ -29,7 +29,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .samplers import Sampler, get_sampler
-from .schedule import NoiseSchedule
+from ..schedule import NoiseSchedule
 
 LATENT_CHANNELS = 4
 

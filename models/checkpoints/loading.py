@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import FAMILIES, ModelBundle
+from ..bundle import FAMILIES, ModelBundle
 from .diffusers_folder import (
     PICKLE_SUFFIXES,
     FolderError,
@@ -77,9 +77,9 @@ from .single_file import (
     same_unet_shapes,
     same_vae_shapes,
 )
-from .tokenizer import CLIPTokenizer
-from .unet import UNetConfig
-from .vae import VAEConfig
+from ..tokenizer import CLIPTokenizer
+from ..unet import UNetConfig
+from ..vae import VAEConfig
 
 __all__ = ["ModelLoadError", "load_model", "open_weights"]
 
@@ -534,7 +534,7 @@ def _stored_dtype(part: _Part) -> torch.dtype:
 
 
 _materialize_mode = "auto"
-"""How parameters get their memory, for the benchmark (`python -m trainer.bench_load --mode`):
+"""How parameters get their memory, for the benchmark (`python -m trainer.bench.load --mode`):
 "auto" (zero-copy views where load_model's `mmap` allows, else a new tensor per parameter and
 `load_state_dict(assign=True)`), "assign" (always a new tensor) or "to_empty"
 (`module.to_empty()`, then copy in place)."""

@@ -15,11 +15,11 @@ Sections (``--what``, comma-separated):
   so that machine load hits both alike. The table gives s/step (median), images/s, achieved
   TFLOP/s (UNet forward FLOPs counted once with FlopCounterMode; a training step counts 3x
   forward, 4x with ``--checkpointing``), % of ``--peak-tflops`` and peak memory.
-- ``load``: checkpoint load time and peak RSS (``trainer.bench_load``: a random fp16 single-file
+- ``load``: checkpoint load time and peak RSS (``trainer.bench.load``: a random fp16 single-file
   checkpoint of the family is written to a temporary folder and loaded to the CPU; SDXL: ~6.9 GB),
   or, without that module, ``build_model`` on meta + materialise + random-init times.
-- ``data``: data-pipeline images/s (``data.bench.benchmark_pipeline``).
-- ``sample``: sampler s/step with classifier-free guidance (``trainer.pipeline.benchmark_sampling``).
+- ``data``: data-pipeline images/s (``trainer.bench.data.benchmark_pipeline``).
+- ``sample``: sampler s/step with classifier-free guidance (``trainer.sampling.pipeline.benchmark_sampling``).
 
 CUDA is synchronised only around timed regions; the training step reads nothing back to the host.
 diffusers and PEFT are benchmark-only dependencies, imported only under ``--compare diffusers``.
@@ -44,7 +44,7 @@ from torch import nn
 
 from models.unet import GRANULARITIES
 
-from .config import DTYPE_NAMES, torch_dtype
+from ..config import DTYPE_NAMES, torch_dtype
 
 SECTIONS = ("train", "load", "data", "sample")
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -128,7 +128,7 @@ def _at_least(minimum: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from models.bundle import FAMILIES
-    from models.lora import UNET_PRESETS
+    from models.lora.network import UNET_PRESETS
 
     a = parser.add_argument
     a("--family", default="sdxl", choices=list(FAMILIES), help="model family (random weights; default sdxl)")
@@ -335,7 +335,7 @@ def build_reference(unet, network) -> nn.Module:
     on the modules `network` adapts, holding the same adapter weights (fp32, scale folded in B)."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        from trainer.bench_unet import diffusers_unet_config, import_single_file_utils
+        from trainer.bench.unet import diffusers_unet_config, import_single_file_utils
 
         sfu = import_single_file_utils()
         from diffusers import UNet2DConditionModel
@@ -511,12 +511,12 @@ def print_train(r: dict, device: torch.device) -> None:
 
 # ===================================================================== other sections ==
 def bench_load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """Checkpoint load time and peak memory via `trainer.bench_load`: a random fp16 single-file
+    """Checkpoint load time and peak memory via `trainer.bench.load`: a random fp16 single-file
     checkpoint of the family is written to a temporary folder, then loaded to the CPU in this process."""
     import tempfile
     from pathlib import Path
 
-    from trainer import bench_load as loader_bench
+    from . import load as loader_bench
 
     with tempfile.TemporaryDirectory(prefix="lorasmith-bench-load-") as tmp:
         t0 = time.perf_counter()
@@ -524,7 +524,7 @@ def bench_load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> di
         written = time.perf_counter() - t0
         r = loader_bench.measure(source, "assign")
         size = source.stat().st_size
-    return {"source": "trainer.bench_load", "file_gib": size / GIB, "write_s": written, "load_s": r["load_s"],
+    return {"source": "trainer.bench.load", "file_gib": size / GIB, "write_s": written, "load_s": r["load_s"],
             "ready_s": r["ready_s"], "peak_rss_increase_gib": (r["peak_rss"] - r["rss_before"]) / GIB,
             "param_gib": r["param_bytes"] / GIB}
 
@@ -535,7 +535,7 @@ def print_load(r: dict) -> None:
 
 
 def bench_data(cfg: BenchConfig) -> dict:
-    from data.bench import benchmark_pipeline
+    from trainer.bench.data import benchmark_pipeline
     from models.bundle import family_spec
 
     res = cfg.res or family_spec(cfg.family).resolution
@@ -550,7 +550,7 @@ def print_data(r: dict) -> None:
 
 def bench_sample(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
     import models
-    from trainer.pipeline import benchmark_sampling
+    from trainer.sampling.pipeline import benchmark_sampling
 
     bundle = models.build_model(cfg.family, device=device, dtype=dtype, seed=cfg.seed)
     res = _check_size(cfg)

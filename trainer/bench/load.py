@@ -1,7 +1,7 @@
 """Checkpoint loading benchmark: peak memory and time-to-ready of `models.load_model`.
 
-    python -m trainer.bench_load --layout single-file --dir /tmp/bench --generate
-    python -m trainer.bench_load --layout diffusers --dir /tmp/bench --repeat 2
+    python -m trainer.bench.load --layout single-file --dir /tmp/bench --generate
+    python -m trainer.bench.load --layout diffusers --dir /tmp/bench --repeat 2
 
 `--generate` writes a full-size checkpoint of `--family` (default SDXL) with random fp16 weights
 (~6.9 GB for SDXL) into --dir if it is not there yet; delete it when done. Each measurement runs
@@ -39,13 +39,13 @@ def generate(layout: str, root: Path, family: str) -> Path:
     import torch
 
     from models.bundle import build_model
-    from models.diffusers_folder import (
+    from models.checkpoints.diffusers_folder import (
         WEIGHT_FILES,
         diffusers_state_dicts,
         write_diffusers_configs,
     )
-    from models.safetensors_io import write_stream
-    from models.single_file import single_file_state_dict
+    from models.checkpoints.safetensors_io import write_stream
+    from models.checkpoints.single_file import single_file_state_dict
 
     target = _source(layout, root)
     if target.exists():
@@ -79,7 +79,7 @@ def measure(source: Path, mode: str) -> dict:
     """Runs inside the child process: load, touch, report."""
     import torch
 
-    from models import loading
+    from models.checkpoints import loading
 
     loading._materialize_mode = mode
     baseline = _status_kib("VmRSS") * 1024
@@ -106,14 +106,14 @@ def measure(source: Path, mode: str) -> dict:
 
 
 def file_tensor_bytes(source: Path) -> int:
-    from models.safetensors_io import read_header
+    from models.checkpoints.safetensors_io import read_header
 
     files = [source] if source.is_file() else sorted(source.rglob("*.safetensors"))
     return sum(info.nbytes for f in files for info in read_header(f)[0].values())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench_load", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", choices=("single-file", "diffusers"), default="single-file")
     parser.add_argument("--dir", type=Path, required=True, help="folder holding (or receiving) the checkpoint")
     parser.add_argument("--family", default="sdxl")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     tensor_bytes = file_tensor_bytes(source)
     print(f"{source}: {tensor_bytes / GIB:.2f} GiB of tensors; loading to CPU in fp16, mode={args.mode}")
     for i in range(args.repeat):
-        cmd = [sys.executable, "-m", "trainer.bench_load", "--child", "--layout", args.layout, "--dir", str(args.dir),
+        cmd = [sys.executable, "-m", "trainer.bench.load", "--child", "--layout", args.layout, "--dir", str(args.dir),
                "--mode", args.mode]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)

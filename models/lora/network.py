@@ -5,8 +5,8 @@
     ...
     net.save("out.safetensors")          # kohya names: loads in ComfyUI, A1111/Forge, diffusers
 
-`inject_lora` picks target layers (presets / regexes, `models.lora_names`), wraps each in a
-`LoRALinear` / `LoRAConv2d` (`models.lora_layers`; base parameter names unchanged) and returns the
+`inject_lora` picks target layers (presets / regexes, `models.lora.names`), wraps each in a
+`LoRALinear` / `LoRAConv2d` (`models.lora.layers`; base parameter names unchanged) and returns the
 `LoRANetwork` that owns the adapters: its state dict is exactly the kohya file layout; it merges,
 unmerges, removes itself (the original module objects come back) and saves. Several networks can be
 stacked on one model, each with its own multiplier (= ComfyUI strength).
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .lora_layers import LoRAAdapter, LoRAConv2d, LoRALinear, _LoRAWrapper
-from .lora_names import (
+from .layers import LoRAAdapter, LoRAConv2d, LoRALinear, _LoRAWrapper
+from .names import (
     TEXT_ENCODER_PRESETS,
     UNET_PRESETS,
     ModuleRef,
@@ -290,9 +290,9 @@ class LoRANetwork(nn.Module):
         """Write the LoRA atomically as .safetensors; returns the metadata written.
 
         `metadata` adds training facts (ss_* keys, modelspec.title, ...); see
-        `models.lora_files.build_metadata`.
+        `models.lora.files.build_metadata`.
         """
-        from .lora_files import save_network
+        from .files import save_network
 
         return save_network(self, path, dtype=dtype, metadata=metadata, format=format)
 

@@ -9,7 +9,7 @@ Layout (prefix -> our module, which uses the same names after the prefix):
 | sd15   | same                     | same                | `cond_stage_model.transformer.` (CLIP-L, HF names)      |
 | sd2    | same                     | same                | `cond_stage_model.model.` (OpenCLIP ViT-H)              |
 
-OpenCLIP towers are renamed by `models.openclip_keys`. Entries that carry nothing our modules
+OpenCLIP towers are renamed by `models.checkpoints.openclip_keys`. Entries that carry nothing our modules
 need are listed explicitly in `IGNORED_KEYS` / `IGNORED_PREFIXES`; everything else must be used.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .bundle import FAMILIES
-from .clip import CLIPTextConfig, CLIPTextEncoder
+from ..bundle import FAMILIES
+from ..clip import CLIPTextConfig, CLIPTextEncoder
 from .openclip_keys import hf_to_openclip
 from .safetensors_io import save_file
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from ..unet import UNet, UNetConfig
+from ..vae import AutoencoderKL, VAEConfig
 
 __all__ = [
     "IGNORED_KEYS",

@@ -1,4 +1,4 @@
-"""Data-pipeline throughput: `python -m data.bench [--n 64] [--res 1024] [--workers 2] [--batch 4]`.
+"""Data-pipeline throughput: `python -m trainer.bench.data [--n 64] [--res 1024] [--workers 2] [--batch 4]`.
 
 Generates `n` JPEGs of SDXL-like sizes (about res x res pixels, several aspect ratios) in a temporary
 folder and measures images/s of
@@ -70,10 +70,10 @@ def benchmark_pipeline(n: int = 64, res: int = 1024, num_workers: int = 2, batch
     cached_latents_img_s, decode_cpu_ms_per_img / per_core_img_s (CPU time of one process per
     sample: the rate each worker adds on an otherwise idle core), goal_img_s, meets_goal.
     """
-    from .cache import LatentCache
-    from .config import DataConfig
-    from .dataset import build_dataset
-    from .loader import build_dataloader
+    from data.cache import LatentCache
+    from data.config import DataConfig
+    from data.dataset import build_dataset
+    from data.loader import build_dataloader
 
     with tempfile.TemporaryDirectory(prefix="lorasmith-bench-") as tmp:
         images = folder or os.path.join(tmp, "images")
@@ -117,7 +117,7 @@ def benchmark_pipeline(n: int = 64, res: int = 1024, num_workers: int = 2, batch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=64, help="number of generated images (default 64)")
     parser.add_argument("--res", type=int, default=1024, help="training resolution (default 1024)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")

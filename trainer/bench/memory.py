@@ -1,6 +1,6 @@
 """Predict the GPU memory of a LoRA training step without a GPU, on the meta device.
 
-    python -m trainer.bench_memory [--family sdxl] [--res 1024] [--batch 1] [--rank 16]
+    python -m trainer.bench.memory [--family sdxl] [--res 1024] [--batch 1] [--rank 16]
 
 The UNet (random weights never materialised), its LoRA and the optimizer state live on `meta`;
 one steady-state training step (forward, fp32 MSE loss, backward) runs there while
@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from models.unet import GRANULARITIES
 
-from .config import DTYPE_NAMES, torch_dtype
+from ..config import DTYPE_NAMES, torch_dtype
 
 GIB = 1024**3
 CHECKPOINTING = ("none", *GRANULARITIES)
@@ -198,7 +198,7 @@ def estimate_step(family: str = "sdxl", res: int | None = None, batch: int = 1, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench_memory", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--family", default="sdxl")
     p.add_argument("--res", type=int, default=None, help="pixels (default: the family's native size)")
     p.add_argument("--batch", type=int, default=1)

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m trainer bench` and its sections."""

@@ -1,0 +1,1 @@
+"""Sampling: the text-to-image pipeline and its samplers."""
