@@ -10,7 +10,7 @@ Public API (stable):
 Names resolve lazily so that `from data.config import DataConfig` does not import torch.
 See data/README.md for the whole pipeline.
 """
-from importlib import import_module
+from models.lazy import lazy_exports
 
 _EXPORTS = {
     "DataConfig": "data.config",
@@ -47,16 +47,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'data' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -27,6 +27,19 @@ from .errors import DataConfigError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, probe_image
 from .scan import ImageRecord, ScanReport
 
+MASK_SUFFIX = "-masklabel.png"
+"""Sidecar loss masks are named `<image stem>-masklabel.png` (see data/masks.py)."""
+
+
+def is_mask_file(name: str) -> bool:
+    """Whether a file name is a sidecar mask (never used as a training image)."""
+    return name.lower().endswith(MASK_SUFFIX)
+
+
+def sidecar_path(image_path: str) -> str:
+    """`photo.jpg` -> `photo-masklabel.png` (same folder)."""
+    return os.path.splitext(image_path)[0] + MASK_SUFFIX
+
 log = logging.getLogger(__name__)
 
 _KOHYA_DIR = re.compile(r"^(\d+)_(.*)$")
@@ -141,7 +154,7 @@ def _groups(sub: SubsetConfig, report: ScanReport) -> list[tuple[str, int, str |
             groups.append((entry.path, int(m.group(1)), normalise_caption(m.group(2).replace("_", " ")) or None))
         elif entry.is_dir():
             report.skip(entry.path, "folder name is not `N_name` (kohya_repeats: true reads only such folders)")
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and not is_mask_file(entry.name):
             report.skip(entry.path, "image outside any `N_name` folder (kohya_repeats: true)")
     if not groups:
         raise DataConfigError(f"kohya_repeats: {sub.path!r} has no sub-folder named like `10_name`")
@@ -166,8 +179,8 @@ def scan_folder(sub: SubsetConfig, subset_index: int, opts: ScanOptions, report:
             if any(f in filenames for f in METADATA_FILES):
                 metadata.update(read_metadata(dirpath, sub.caption_column, report))
             for fn in sorted(filenames):
-                if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
-                    continue
+                if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS or is_mask_file(fn):
+                    continue  # loss masks (`*-masklabel.png`) belong to their image
                 path = os.path.join(dirpath, fn)
                 key = os.path.normpath(path)
                 jobs.append((path, repeats, folder_caption, metadata.get(key), key in metadata))
@@ -211,18 +224,3 @@ def scan_folder(sub: SubsetConfig, subset_index: int, opts: ScanOptions, report:
                 report.caption_notes.append((job[0], note))
             records.append(rec)
     return records
-
-
-def scan_subset(sub: SubsetConfig, subset_index: int, opts: ScanOptions, report: ScanReport,
-                hf_cache_dir: str | None = None):
-    """(records, table) of one subset; `table` is the HF table rows refer to (None for folders)."""
-    kind = source_kind(sub.path)
-    if kind == "folder":
-        records, table = scan_folder(sub, subset_index, opts, report), None
-    else:
-        from .hf import open_table, scan_table
-
-        table = open_table(sub, kind, cache_dir=hf_cache_dir)
-        records = scan_table(table, sub, subset_index, opts, report)
-    log.debug("scanned %s (%s): %d images", sub.path, kind, len(records))
-    return records, table

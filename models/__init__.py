@@ -10,7 +10,7 @@ Public API (stable):
 
 Names resolve lazily so that importing one module does not import every other one.
 """
-from importlib import import_module
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "UNet": "models.unet",
@@ -23,7 +23,8 @@ _EXPORTS = {
     "CLIPTextOutput": "models.clip",
     "CLIPTokenizer": "models.tokenizer",
     "ModelBundle": "models.bundle",
-    "FamilySpec": "models.bundle",
+    "FamilySpec": "models.families",
+    "register_family": "models.families",
     "FAMILIES": "models.bundle",
     "build_model": "models.bundle",
     "load_model": "models.checkpoints.loading",
@@ -32,21 +33,10 @@ _EXPORTS = {
     "LoRAConv2d": "models.lora.layers",
     "LoRANetwork": "models.lora.network",
     "inject_lora": "models.lora.network",
+    "LoRAOptions": "models.lora.options",
     "load_lora": "models.lora.files",
     "LoRAFileError": "models.lora.files",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

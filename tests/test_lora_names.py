@@ -42,6 +42,11 @@ def _exported(bundle, preset, shapes=False):
         net.remove()
 
 
+def _unread(family: str, name: str) -> bool:
+    """Names of adapters on text-encoder layers the family's conditioning never reads."""
+    return family == "sdxl" and name.startswith("lora_te1_text_model_encoder_layers_11_")
+
+
 @pytest.mark.parametrize("family,preset,fixture", [
     ("sdxl", "kohya", "sdxl_lora_keys.txt"),
     ("sdxl", "locon", "sdxl_locon_keys.txt"),
@@ -53,7 +58,10 @@ def test_export_keys_and_shapes_equal_kohya_tables(family, preset, fixture, requ
     before = {k: v.shape for k, v in bundle.unet.state_dict().items()}
     got, _ = _exported(bundle, preset)
     want = _table(fixture)
-    assert sorted(set(got) - set(want)) == [] and sorted(set(want) - set(got)) == []
+    assert sorted(set(got) - set(want)) == []
+    # kohya also adapts the last CLIP-L layer of SDXL, which SDXL never reads: we leave it out.
+    assert sorted(set(want) - set(got)) == sorted(k for k in want if _unread(family, k))
+    want = {k: v for k, v in want.items() if not _unread(family, k)}
     assert {k: v for k, v in got.items() if want[k] != v} == {}
     # removal gives the model back its original modules and keys
     assert {k: v.shape for k, v in bundle.unet.state_dict().items()} == before
@@ -66,7 +74,7 @@ def test_every_exported_name_hits_the_comfyui_target(family, fixture, request):
     bundle = request.getfixturevalue(family)
     shapes, refs = _exported(bundle, "locon", shapes=True)
     targets = _table(fixture)
-    assert set(refs) == set(targets)
+    assert set(refs) == {name for name in targets if not _unread(family, name)}
     clip_prefix = {"te": "clip_l.transformer.", "te1": "clip_l.transformer.", "te2": "clip_g.transformer."}
     parts = {"unet": bundle.unet, **dict(zip(("te1", "te2") if family == "sdxl" else ("te",), bundle.text_encoders))}
     for name, ref in refs.items():

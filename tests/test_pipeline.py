@@ -20,8 +20,6 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
-
 
 @pytest.fixture(scope="module")
 def bundles():
@@ -50,23 +48,23 @@ def _reference_scheduler(sampler, prediction_type):
 @pytest.mark.parametrize("family", ["tiny-sd15", "tiny-sdxl"])
 def test_sampling_loop_matches_reference(bundles, family, sampler):
     bundle = bundles[family]
-    steps, cfg, size = 5, 6.5, 64
+    steps, scale, size = 5, 6.5, 64
     noise = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(4))
     pipe = Txt2ImgPipeline(bundle, sampler=sampler)
-    job = pipe.prepare(PROMPT, NEGATIVE, steps=steps, cfg=cfg, width=size, height=size, latents=noise)
+    job = pipe.prepare(PROMPT, NEGATIVE, steps=steps, guidance_scale=scale, width=size, height=size, latents=noise)
     ours = pipe.sample(job)
 
-    ref = _reference_loop(bundle, diffusers_unet(bundle.unet), sampler, noise, steps, cfg, size)
+    ref = _reference_loop(bundle, diffusers_unet(bundle.unet), sampler, noise, steps, scale, size)
     assert rel(ours, ref) < 1e-4
 
 
-def _reference_loop(bundle, ref_unet, sampler, noise, steps, cfg, size):
+def _reference_loop(bundle, ref_unet, sampler, noise, steps, guidance_scale, size):
     """The reference scheduler loop with guidance, driving `ref_unet` from `noise`."""
     sched = _reference_scheduler(sampler, bundle.spec.prediction_type)
     with torch.no_grad():
         context, pooled = bundle.encode_prompt([NEGATIVE, PROMPT])
         kwargs = {}
-        if bundle.spec.is_sdxl:
+        if (bundle.spec.base == "sdxl"):
             time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         sched.set_timesteps(steps)
@@ -74,7 +72,7 @@ def _reference_loop(bundle, ref_unet, sampler, noise, steps, cfg, size):
         for t in sched.timesteps:
             model_in = sched.scale_model_input(torch.cat([x, x]), t)
             uncond, cond = ref_unet(model_in, t, encoder_hidden_states=context, **kwargs).sample.chunk(2)
-            x = sched.step(uncond + cfg * (cond - uncond), t, x).prev_sample
+            x = sched.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
     return x
 
 
@@ -84,7 +82,7 @@ def test_sampling_with_a_lora_matches_reference_loading_the_same_file(bundles, f
     from safetensors.torch import load_file
 
     bundle = bundles[family]
-    steps, cfg, size = 4, 5.0, 64
+    steps, scale, size = 4, 5.0, 64
     ref_unet = diffusers_unet(bundle.unet)  # base weights, before any LoRA
     net = models.inject_lora(bundle, unet="kohya", rank=4)
     g = torch.Generator().manual_seed(7)
@@ -99,14 +97,15 @@ def test_sampling_with_a_lora_matches_reference_loading_the_same_file(bundles, f
     pipe = Txt2ImgPipeline(bundle, sampler="euler")
     loaded = pipe.add_lora(path, 1.0)
     try:
-        ours = pipe.sample(pipe.prepare(PROMPT, NEGATIVE, steps=steps, cfg=cfg, width=size, height=size, latents=noise))
+        job = pipe.prepare(PROMPT, NEGATIVE, steps=steps, guidance_scale=scale, width=size, height=size, latents=noise)
+        ours = pipe.sample(job)
     finally:
         loaded.remove()
-    loader = StableDiffusionXLPipeline if bundle.spec.is_sdxl else StableDiffusionPipeline
+    loader = StableDiffusionXLPipeline if (bundle.spec.base == "sdxl") else StableDiffusionPipeline
     state, alphas = loader.lora_state_dict(load_file(path), unet_config=ref_unet.config)
     loader.load_lora_into_unet(state, alphas, ref_unet)
-    ref = _reference_loop(bundle, ref_unet, "euler", noise, steps, cfg, size)
-    plain = _reference_loop(bundle, diffusers_unet(bundle.unet), "euler", noise, steps, cfg, size)
+    ref = _reference_loop(bundle, ref_unet, "euler", noise, steps, scale, size)
+    plain = _reference_loop(bundle, diffusers_unet(bundle.unet), "euler", noise, steps, scale, size)
     assert rel(ours, ref) < 1e-4
     assert rel(plain, ref) > 1e-3  # the LoRA changes the result
 
@@ -117,7 +116,7 @@ def test_images_seeds_and_png_metadata(bundles, tmp_path):
     pipe = Txt2ImgPipeline(bundles["tiny-sd15"], sampler="euler_a", model_name="tiny, test")
     pipe.loras.append(("style", 0.8))
     images, latents = pipe(
-        ["a cat", "a dog"], negative_prompt="blurry", steps=3, cfg=5.5, seed=10, n=2, width=32, height=64,
+        ["a cat", "a dog"], negative_prompt="blurry", steps=3, guidance_scale=5.5, seed=10, n=2, width=32, height=64,
         return_latents=True, progress=False,
     )
     assert len(images) == 4 and images[0].size == (32, 64) and images[0].mode == "RGB"
@@ -134,16 +133,17 @@ def test_images_seeds_and_png_metadata(bundles, tmp_path):
         assert torch.equal(torch.tensor(list(im.getdata())), torch.tensor(list(images[3].getdata())))
 
     # Image k of a batch is reproduced alone with seed + k (ancestral noise included).
-    alone = pipe.sample(pipe.prepare("a dog", "blurry", steps=3, cfg=5.5, seed=13, width=32, height=64))
+    alone = pipe.sample(pipe.prepare("a dog", "blurry", steps=3, guidance_scale=5.5, seed=13, width=32, height=64))
     assert rel(alone, latents[3:]) < 1e-5
-    other = pipe.sample(pipe.prepare("a dog", "blurry", steps=3, cfg=5.5, seed=14, width=32, height=64))
+    other = pipe.sample(pipe.prepare("a dog", "blurry", steps=3, guidance_scale=5.5, seed=14, width=32, height=64))
     assert rel(other, latents[3:]) > 1e-2
 
 
 def test_guidance_off_uses_one_pass_and_no_negative(bundles):
     pipe = Txt2ImgPipeline(bundles["tiny-sdxl"])
-    job = pipe.prepare("a cat", "ugly", steps=2, cfg=1.0, width=64, height=64)
-    assert job.context.shape[0] == 1 and job.y.shape == (1, 1600) and job.negatives == [""]
+    job = pipe.prepare("a cat", "ugly", steps=2, guidance_scale=1.0, width=64, height=64)
+    assert job.cond["context"].shape[0] == 1 and job.cond["pooled"].shape[0] == 1 and job.time_ids.shape == (1, 6)
+    assert job.negatives == [""]
     calls = []
     unet = bundles["tiny-sdxl"].unet
     handle = unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -156,13 +156,20 @@ def test_guidance_off_uses_one_pass_and_no_negative(bundles):
 
 def test_sdxl_micro_conditioning_reaches_the_unet(bundles):
     pipe = Txt2ImgPipeline(bundles["tiny-sdxl"])
-    base = pipe.prepare("a cat", steps=2, width=64, height=64)
-    cropped = pipe.prepare("a cat", steps=2, width=64, height=64, original_size=(128, 96), crop_top_left=(8, 0))
+    unet = bundles["tiny-sdxl"].unet
+    seen = []
+    handle = unet.register_forward_hook(lambda m, args, out: seen.append(args[3]))
+    try:
+        pipe.sample(pipe.prepare("a cat", steps=1, width=64, height=64))
+        pipe.sample(pipe.prepare("a cat", steps=1, width=64, height=64, original_size=(128, 96), crop_top_left=(8, 0)))
+    finally:
+        handle.remove()
     from models.unet import sdxl_vector
 
     _, pooled = bundles["tiny-sdxl"].encode_prompt(["a cat"])
     expected = sdxl_vector(pooled, torch.tensor([[128.0, 96, 8, 0, 64, 64]]))
-    assert torch.allclose(cropped.y[1:], expected) and not torch.allclose(base.y, cropped.y)
+    base, cropped = seen
+    assert torch.allclose(cropped[1:], expected) and not torch.allclose(base, cropped)
 
 
 def test_bad_arguments_raise_clear_errors(bundles):
@@ -206,7 +213,7 @@ def test_strength_zero_lora_equals_no_lora(bundles, tmp_path):
     net.remove()
 
     def run(pipe):
-        return pipe.sample(pipe.prepare(PROMPT, NEGATIVE, steps=3, cfg=5.0, seed=1, width=32, height=32))
+        return pipe.sample(pipe.prepare(PROMPT, NEGATIVE, steps=3, guidance_scale=5.0, seed=1, width=32, height=32))
 
     plain = run(Txt2ImgPipeline(bundle))
     for strength, same in ((0.0, True), (1.0, False)):
@@ -229,8 +236,8 @@ def test_generate_cli_writes_pngs_with_parameters(tmp_path, capsys):
 
     out = tmp_path / "imgs"
     argv = ["generate", "--model", "tiny-sd15", "--prompt", "a cat", "--negative", "dog", "--steps", "2",
-            "--cfg", "4", "--seed", "5", "--size", "32x64", "--n", "2", "--sampler", "dpmpp_2m", "--out", str(out),
-            "--no-progress"]
+            "--guidance-scale", "4", "--seed", "5", "--size", "32x64", "--n", "2", "--sampler", "dpmpp_2m",
+            "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["00000-5.png", "00001-6.png"]
@@ -243,6 +250,20 @@ def test_generate_cli_writes_pngs_with_parameters(tmp_path, capsys):
     assert "s/step" in capsys.readouterr().err
     assert main(argv[:-3] + ["--n", "1", "--out", str(out)]) == 0  # numbering continues
     assert max(f.name for f in out.glob("*.png")) == "00002-5.png"
+
+
+def test_generate_cli_reads_the_old_cfg_flag_as_guidance_scale():
+    import argparse
+
+    from trainer.cli.generate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    common = ["--prompt", "x", "--out", "o"]
+    assert parser.parse_args([*common, "--cfg", "3.5"]).guidance_scale == 3.5
+    assert parser.parse_args([*common, "--guidance-scale", "2"]).guidance_scale == 2
+    assert parser.parse_args(common).guidance_scale is None
+    assert "--cfg" not in parser.format_help() and "--guidance-scale" in parser.format_help()
 
 
 @pytest.mark.parametrize(
@@ -276,13 +297,13 @@ def test_parse_helpers():
 
 # ---- dtypes and devices ----------------------------------------------------------------------------
 def test_bfloat16_model_runs_close_to_float32(bundles):
-    kwargs = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=2, cfg=5.0, seed=2, width=64, height=64)
+    kwargs = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=2, guidance_scale=5.0, seed=2, width=64, height=64)
     ref_pipe = Txt2ImgPipeline(bundles["tiny-sdxl"])
     ref = ref_pipe.sample(ref_pipe.prepare(**kwargs))
     half = models.build_model("tiny-sdxl", seed=0, dtype=torch.bfloat16)
     pipe = Txt2ImgPipeline(half)
     job = pipe.prepare(**kwargs)
-    assert job.context.dtype == torch.bfloat16 and job.noise.dtype == torch.float32
+    assert job.cond["context"].dtype == torch.bfloat16 and job.noise.dtype == torch.float32
     out = pipe.sample(job)
     assert out.dtype == torch.float32 and rel(out, ref) < 0.1
     decoded = pipe.decode(out)
@@ -292,7 +313,8 @@ def test_bfloat16_model_runs_close_to_float32(bundles):
 @pytest.mark.gpu
 def test_cuda_reproduces_cpu_images_for_the_same_seed(bundles):
     # Noise (initial and ancestral) is drawn on CPU, so only kernel rounding differs.
-    kwargs = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=4, cfg=5.0, seed=3, width=64, height=64, n=2)
+    kwargs = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=4, guidance_scale=5.0, seed=3, width=64, height=64,
+                  n=2)
     cpu_pipe = Txt2ImgPipeline(bundles["tiny-sdxl"], sampler="euler_a")
     ref = cpu_pipe.sample(cpu_pipe.prepare(**kwargs))
     gpu_pipe = Txt2ImgPipeline(models.build_model("tiny-sdxl", seed=0).to("cuda"), sampler="euler_a")
@@ -317,7 +339,7 @@ def test_generate_cli_takes_defaults_and_lora_from_a_training_config(bundles, tm
     config.write_text(
         "model: {source: tiny-sd15, seed: 3}\n"
         f"output: {{dir: {tmp_path / 'runs'}, name: mystyle}}\n"
-        "sample: {steps: 2, cfg: 3.5, sampler: ddim, seed: 42, size: 32, negative_prompt: bad}\n"
+        "sample: {steps: 2, guidance_scale: 3.5, sampler: ddim, seed: 42, size: 32, negative_prompt: bad}\n"
     )
     out = tmp_path / "imgs"
     assert main(["generate", "--config", str(config), "--prompt", "a cat", "--out", str(out), "--no-progress"]) == 0

@@ -12,10 +12,7 @@ A folder looks like:
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,18 +20,19 @@ import torch
 from .diffusers_keys import (
     DIFFUSERS_VERSION,
     clip_config_to_transformers,
-    is_vae_attention_matrix,
     unet_config_to_diffusers,
-    unet_prefix_map,
-    unet_to_diffusers_key,
+    unet_state_dict_to_diffusers,
     vae_config_to_diffusers,
-    vae_to_diffusers_key,
+    vae_state_dict_to_diffusers,
 )
+from .fileio import read_json as _read_json
+from .fileio import write_json
 from .safetensors_io import save_file
 from ..tokenizer import CLIPTokenizer
 
 __all__ = [
     "PICKLE_SUFFIXES",
+    "TEXT_ENCODER_SLOTS",
     "WEIGHT_FILES",
     "FolderError",
     "diffusers_state_dicts",
@@ -49,8 +47,10 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
+TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
+"""Pipeline component names of the text encoders, in bundle order (tokenizers: `tokenizer[_2]`)."""
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                **{slot: "model.safetensors" for slot in TEXT_ENCODER_SLOTS}}
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -63,15 +63,7 @@ def is_pipeline_folder(path: Path) -> bool:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FolderError(f"{path} is missing; the diffusers folder is incomplete (re-download it)") from None
-    except (OSError, ValueError) as e:
-        raise FolderError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FolderError(f"{path}: expected a JSON object")
-    return data
+    return _read_json(path, FolderError, what="the diffusers folder is incomplete or damaged (re-download it)")
 
 
 def _variant_of(name: str) -> tuple[str, str | None] | None:
@@ -156,18 +148,11 @@ def load_tokenizer(folder: Path, pad_token_id: int) -> CLIPTokenizer:
 
 
 # ---- writing ----------------------------------------------------------------------------------
-_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def _write_tokenizer(tok: CLIPTokenizer, folder: Path) -> None:
@@ -186,24 +171,12 @@ def _write_tokenizer(tok: CLIPTokenizer, folder: Path) -> None:
 
 def diffusers_state_dicts(bundle) -> dict[str, dict[str, torch.Tensor]]:
     """{component: state dict under diffusers/transformers names} (views; works on meta)."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    prefix_map = unet_prefix_map(bundle.unet.config)
-    unet = {}
-    for k, v in bundle.unet.state_dict().items():
-        name = unet_to_diffusers_key(k, prefix_map)
-        if name is None:
-            raise ValueError(f"UNet parameter {k!r} has no diffusers name")
-        unet[name] = v
-    out["unet"] = unet
-    vae = {}
-    for k, v in bundle.vae.state_dict().items():
-        name = vae_to_diffusers_key(k, bundle.vae.config)
-        if name is None:
-            raise ValueError(f"VAE parameter {k!r} has no diffusers name")
-        vae[name] = v.reshape(v.shape[:2]) if is_vae_attention_matrix(k) else v
-    out["vae"] = vae
-    for i, te in enumerate(bundle.text_encoders):
-        out["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = dict(te.state_dict())
+    out = {
+        "unet": unet_state_dict_to_diffusers(bundle.unet.state_dict(), bundle.unet.config),
+        "vae": vae_state_dict_to_diffusers(bundle.vae.state_dict(), bundle.vae.config),
+    }
+    for slot, te in zip(TEXT_ENCODER_SLOTS, bundle.text_encoders):
+        out[slot] = dict(te.state_dict())
     return out
 
 
@@ -238,36 +211,29 @@ def save_diffusers(bundle, folder: str | Path, dtype: torch.dtype | None = None)
     return folder
 
 
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
-
-
 def write_diffusers_configs(bundle, folder: str | Path, param_dtype: torch.dtype = torch.float32) -> Path:
     """Everything of a diffusers folder but the weights: model_index.json, the components'
     config.json, scheduler config and tokenizer files (works for a bundle on `meta`)."""
     folder = Path(folder)
-    base = bundle.spec.base
-    if base not in _PIPELINES:
-        raise ValueError(f"no diffusers pipeline layout for family base {base!r}")
+    spec = bundle.spec
+    if not spec.diffusers_pipeline:
+        raise ValueError(f"no diffusers pipeline layout for family {bundle.family!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    index: dict[str, object] = {"_class_name": _PIPELINES[base], "_diffusers_version": DIFFUSERS_VERSION}
+    index: dict[str, object] = {"_class_name": spec.diffusers_pipeline, "_diffusers_version": DIFFUSERS_VERSION}
     index["unet"] = ["diffusers", "UNet2DConditionModel"]
     index["vae"] = ["diffusers", "AutoencoderKL"]
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     sample = bundle.spec.resolution // bundle.vae.config.downsample_factor
     _write_json(folder / "unet" / "config.json", unet_config_to_diffusers(bundle.unet.config, sample_size=sample))
     _write_json(folder / "vae" / "config.json", vae_config_to_diffusers(bundle.vae.config, sample_size=bundle.spec.resolution))
-    for i, (te, tok) in enumerate(zip(bundle.text_encoders, bundle.tokenizers)):
-        suffix = "" if i == 0 else f"_{i + 1}"
+    for slot, te, tok in zip(TEXT_ENCODER_SLOTS, bundle.text_encoders, bundle.tokenizers):
+        tokenizer = slot.replace("text_encoder", "tokenizer")
         config = clip_config_to_transformers(te.config, _DTYPE_NAMES.get(param_dtype, "float32"))
-        index[f"text_encoder{suffix}"] = ["transformers", config["architectures"][0]]
-        index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
-        _write_json(folder / f"text_encoder{suffix}" / "config.json", config)
-        _write_tokenizer(tok, folder / f"tokenizer{suffix}")
-    if base == "sdxl":
-        index["force_zeros_for_empty_prompt"] = True
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index[slot] = ["transformers", config["architectures"][0]]
+        index[tokenizer] = ["transformers", "CLIPTokenizer"]
+        _write_json(folder / slot / "config.json", config)
+        _write_tokenizer(tok, folder / tokenizer)
+    index.update(dict(spec.diffusers_index_extras))
     _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(bundle))
     _write_json(folder / "model_index.json", index)
     return folder

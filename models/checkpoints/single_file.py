@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..bundle import FAMILIES
+from ..families import FAMILIES, families_of, lineages
 from ..clip import CLIPTextConfig, CLIPTextEncoder
 from .openclip_keys import hf_to_openclip
 from .safetensors_io import save_file
@@ -33,8 +33,6 @@ from ..vae import AutoencoderKL, VAEConfig
 __all__ = [
     "IGNORED_KEYS",
     "IGNORED_PREFIXES",
-    "OPENCLIP_PREFIXES",
-    "TEXT_PREFIXES",
     "UNET_PREFIX",
     "VAE_PREFIX",
     "UnsupportedModelError",
@@ -43,6 +41,8 @@ __all__ = [
     "infer_unet_config",
     "infer_vae_config",
     "is_ignored",
+    "is_openclip_prefix",
+    "text_prefixes",
     "looks_like_lora",
     "matching_family",
     "meta_module",
@@ -58,12 +58,19 @@ __all__ = [
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIXES: dict[str, tuple[str, ...]] = {
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-    "sd15": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.",),
-}
-OPENCLIP_PREFIXES = frozenset({"conditioner.embedders.1.model.", "cond_stage_model.model."})
+
+
+def text_prefixes(base: str) -> tuple[str, ...]:
+    """Single-file key prefix of each text encoder of lineage `base` (`FamilySpec.single_file_text_prefixes`)."""
+    spec = lineages().get(base)
+    if spec is None or not spec.single_file_text_prefixes:
+        raise ValueError(f"no single-file layout for family lineage {base!r}")
+    return spec.single_file_text_prefixes
+
+
+def is_openclip_prefix(prefix: str) -> bool:
+    """Whether a single-file text prefix holds OpenCLIP-named tensors (some family declares so)."""
+    return any(prefix in s.openclip_text_prefixes for s in FAMILIES.values())
 
 IGNORED_KEYS = frozenset(
     {
@@ -146,18 +153,16 @@ def detect_family(keys: Iterable[str], where: str) -> str:
     foreign = describe_foreign(keys)
     if foreign:
         raise UnsupportedModelError(f"{where} is {foreign}; supported: {SUPPORTED}")
-    has = {p: any(k.startswith(p) for k in keys) for p in (UNET_PREFIX, *sum(TEXT_PREFIXES.values(), ()))}
-    if not has[UNET_PREFIX]:
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise UnsupportedModelError(
             f"{where} has no SD UNet ('model.diffusion_model.input_blocks.*'; found {len(keys)} tensors like "
             f"{_sample(keys)}); supported: {SUPPORTED}. A bare UNet or VAE file goes in unet=... / vae=..."
         )
-    if has["conditioner.embedders.0.transformer."] and has["conditioner.embedders.1.model."]:
-        return "sdxl"
-    if has["cond_stage_model.model."]:
-        return "sd2"
-    if has["cond_stage_model.transformer."]:
-        return "sd15"
+    # The lineage all of whose text-encoder prefixes are present; the most specific (most prefixes) wins.
+    fits = [s for s in lineages().values() if s.single_file_text_prefixes
+            and all(any(k.startswith(p) for k in keys) for p in s.single_file_text_prefixes)]
+    if fits:
+        return max(fits, key=lambda s: len(s.single_file_text_prefixes)).base
     raise UnsupportedModelError(
         f"{where} has a UNet but no recognised text encoder (expected 'conditioner.embedders.*' for SDXL or "
         f"'cond_stage_model.*' for SD1.5/SD2); supported: {SUPPORTED}"
@@ -226,10 +231,12 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], base: str) -> UNetC
     widths = [mc * m for m in mult]
     # Not visible in shapes: the family's head layout and 32 GroupNorm groups, reduced to a
     # divisor of every width when the model is too small for them (test-size models).
-    if base == "sd15":
-        heads = {"num_heads": 8 if all(w % 8 == 0 for w in widths) else 1, "num_head_channels": None}
+    spec = lineages()[base]
+    if spec.unet_num_heads is not None:
+        n = spec.unet_num_heads
+        heads = {"num_heads": n if all(w % n == 0 for w in widths) else 1, "num_head_channels": None}
     else:
-        heads = {"num_heads": None, "num_head_channels": math.gcd(64, *widths)}
+        heads = {"num_heads": None, "num_head_channels": math.gcd(spec.unet_head_channels, *widths)}
     context = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
     proj = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     adm = shapes.get("label_emb.0.0.weight")
@@ -337,10 +344,8 @@ def meta_module(config: UNetConfig | VAEConfig | CLIPTextConfig) -> nn.Module:
 def presets_for(kind: str, base: str, family: str | None) -> list:
     """Preset configs of one part kind ("unet", "vae", "text": a list per family) to try, the
     requested family's first, then every family of `base`."""
-    names = ([family] if family in FAMILIES else []) + [f for f in FAMILIES if FAMILIES[f].base == base]
     out = []
-    for name in names:
-        spec = FAMILIES[name]
+    for spec in families_of(base, first=family):
         if kind == "unet":
             out.append(UNetConfig.preset(spec.unet))
         elif kind == "vae":
@@ -384,11 +389,8 @@ def _agreement(config, shapes) -> int:
 def matching_family(base: str, family: str | None, unet: UNetConfig, vae: VAEConfig,
                     encoders: list[CLIPTextConfig]) -> str:
     """The FAMILIES entry whose presets have these parameter shapes, else the base family."""
-    candidates = ([family] if family in FAMILIES else []) + [f for f in FAMILIES if FAMILIES[f].base == base]
-    for name in candidates:
-        spec = FAMILIES[name]
-        if spec.base != base:
-            continue
+    for spec in families_of(base, first=family):
+        name = spec.name
         if same_unet_shapes(unet, UNetConfig.preset(spec.unet)) and same_vae_shapes(vae, VAEConfig.preset(spec.vae)) \
                 and all(same_clip_shapes(c, CLIPTextConfig.preset(p)) for c, p in zip(encoders, spec.text_encoders)):
             return name
@@ -406,18 +408,18 @@ def single_file_state_dict(bundle) -> dict[str, torch.Tensor]:
     Adds the constant entries single files conventionally carry (CLIP-L `position_ids`, OpenCLIP
     `logit_scale`), so an SDXL/SD1.5 bundle gives exactly the reference key set. Works on `meta`.
     """
-    base = bundle.spec.base
-    if base not in TEXT_PREFIXES:
-        raise ValueError(f"no single-file layout for family base {base!r}")
+    prefixes = bundle.spec.single_file_text_prefixes
+    if not prefixes:
+        raise ValueError(f"no single-file layout for family {bundle.family!r}")
     out: dict[str, torch.Tensor] = {}
     for k, v in bundle.unet.state_dict().items():
         out[UNET_PREFIX + k] = v
     for k, v in bundle.vae.state_dict().items():
         out[VAE_PREFIX + k] = v
-    for prefix, encoder in zip(TEXT_PREFIXES[base], bundle.text_encoders):
+    for prefix, encoder in zip(prefixes, bundle.text_encoders):
         sd = encoder.state_dict()
         weight = sd["text_model.embeddings.token_embedding.weight"]
-        if prefix in OPENCLIP_PREFIXES:
+        if is_openclip_prefix(prefix):
             out.update(hf_to_openclip(sd, prefix))
             out[prefix + "logit_scale"] = torch.tensor(_LOGIT_SCALE, dtype=weight.dtype, device=weight.device)
         else:

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
 
     from models.checkpoints.diffusers_folder import save_diffusers
-    from models.checkpoints.loading import load_model
+    from models.checkpoints.open import open_model
     from models.checkpoints.single_file import save_single_file
 
     dst = Path(args.dst)
@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch_dtype(args.dtype) if args.dtype else None
     # Loading in the output dtype halves peak memory for fp32 -> fp16; without --dtype the
     # stored dtypes are kept (bit-exact).
-    bundle = load_model(args.src, family=args.family, dtype=dtype, vae=args.vae, unet=args.unet,
-                        variant=args.variant, allow_pickle=args.allow_pickle)
+    # The file is written in `dtype` (or the stored dtypes): the VAE keeps them too (vae_dtype=dtype).
+    bundle = open_model(args.src, family=args.family, dtype=dtype, vae_dtype=dtype, vae=args.vae, unet=args.unet,
+                        variant=args.variant, allow_pickle=args.allow_pickle, labels=("--family", "SRC", "--vae"))
     if layout == "single-file":
         save_single_file(bundle, dst, dtype=dtype)
     else:

@@ -21,11 +21,12 @@ import random
 import re
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
 
-from ..config import DTYPE_NAMES, torch_dtype
+from ..config import DTYPE_NAMES, PredictionType, torch_dtype
 from ..sampling.samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS
 
 
@@ -45,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fold the LoRAs into the base weights (faster sampling) instead of running them alongside")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler (default: euler)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 30)")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale; <= 1 disables guidance (default 7)")
+    # Old spelling, kept so existing scripts keep working.
+    parser.add_argument("--cfg", dest="guidance_scale", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k uses seed + k (default 0; -1 = random)")
     parser.add_argument("--size", default=None, metavar="WxH",
@@ -61,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="UNet/text-encoder dtype (auto: fp16 on GPU, fp32 on CPU; the SDXL VAE stays fp32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+    parser.add_argument("--prediction-type", choices=typing.get_args(PredictionType), default=None,
                         help="override the model's prediction type")
     parser.add_argument("--zero-terminal-snr", action="store_true", default=None,
                         help="sample with the zero-terminal-SNR schedule (models trained with it)")
@@ -130,7 +134,7 @@ class GenerateSettings:
     """(file, strength) of each LoRA."""
     sampler: str
     steps: int
-    cfg: float
+    guidance_scale: float
     seed: int
     size: tuple[int, int] | None
     """(width, height) in pixels; None = the model's resolution."""
@@ -200,7 +204,7 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         loras=loras,
         sampler=pick(args.sampler, sample and sample.sampler, "euler"),
         steps=steps,
-        cfg=pick(args.cfg, sample and sample.cfg, 7.0),
+        guidance_scale=pick(args.guidance_scale, sample and sample.guidance_scale, 7.0),
         seed=seed,
         size=size,
         n=n,
@@ -219,33 +223,14 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
 
 # ---- model ----------------------------------------------------------------------------------------
 def load_bundle(settings: GenerateSettings, device: torch.device, dtype: torch.dtype):
-    """The ModelBundle of `settings.model` on `device`: random weights for a family name
-    (`build_model`), otherwise `models.load_model`. The SDXL VAE is kept in fp32."""
-    import models
-    from models.bundle import FAMILIES
+    """The ModelBundle of `settings.model` on `device` (`open_model`: random weights for a family
+    name, else `models.load_model`; the VAE precision policy applies)."""
+    from models.checkpoints.open import open_model
 
-    if settings.model in FAMILIES:
-        if settings.family is not None and settings.family != settings.model:
-            raise GenerateArgumentError(f"--family {settings.family!r} contradicts --model {settings.model!r}")
-        if settings.vae is not None:
-            raise GenerateArgumentError(
-                "--vae replaces the VAE of a loaded checkpoint; a family name has random weights"
-            )
-        bundle = models.build_model(settings.model, device="cpu", dtype=dtype, seed=settings.model_seed)
-        if settings.prediction_type is not None:
-            bundle.spec = dataclasses.replace(bundle.spec, prediction_type=settings.prediction_type)
-    else:
-        bundle = models.load_model(
-            settings.model, family=settings.family, dtype=dtype, vae=settings.vae, variant=settings.variant,
-            allow_pickle=settings.allow_pickle, prediction_type=settings.prediction_type,
-        )
-    if getattr(bundle.vae.config, "force_upcast", False):
-        bundle.vae.to(dtype=torch.float32)
-    bundle.to(device=device)
-    bundle.requires_grad_(False)
-    for module in bundle.modules().values():
-        module.eval()
-    return bundle
+    return open_model(settings.model, family=settings.family, dtype=dtype, device=device, vae=settings.vae,
+                      variant=settings.variant, allow_pickle=settings.allow_pickle,
+                      prediction_type=settings.prediction_type, seed=settings.model_seed,
+                      labels=("--family", "--model", "--vae"))
 
 
 def _model_name(source: str) -> str:
@@ -307,8 +292,8 @@ def run(args: argparse.Namespace) -> int:
         remaining = settings.n
         while remaining:
             count = min(settings.batch_size, remaining)
-            job = pipe.prepare(prompt, settings.negative, steps=settings.steps, cfg=settings.cfg, seed=seed,
-                               width=width, height=height, n=count)
+            job = pipe.prepare(prompt, settings.negative, steps=settings.steps,
+                               guidance_scale=settings.guidance_scale, seed=seed, width=width, height=height, n=count)
             t1 = time.perf_counter()
             latents = pipe.sample(job, progress=not args.no_progress)
             if device.type == "cuda":

@@ -3,7 +3,7 @@ a native sampler, VAE decoding, and A1111-style PNG metadata.
 
     bundle = models.build_model("tiny-sdxl", seed=0)
     pipe = Txt2ImgPipeline(bundle, sampler="euler_a")
-    images = pipe("a watercolor fox", negative_prompt="blurry", steps=30, cfg=7.0, seed=42, n=2)
+    images = pipe("a watercolor fox", negative_prompt="blurry", steps=30, guidance_scale=7.0, seed=42, n=2)
     save_png(images[0], "fox.png")          # keeps the `parameters` text chunk
 
 Reproducibility: image k of a call uses seed `seed + k`; its initial noise (and, for Euler a, its
@@ -31,7 +31,6 @@ from PIL.PngImagePlugin import PngInfo
 from .samplers import Sampler, get_sampler
 from ..schedule import NoiseSchedule
 
-LATENT_CHANNELS = 4
 
 
 @dataclass
@@ -43,7 +42,7 @@ class GenerationParams:
     steps: int
     sampler: str
     """Display name, e.g. "Euler a", "DPM++ 2M Karras"."""
-    cfg: float
+    guidance_scale: float
     seed: int
     width: int
     height: int
@@ -56,7 +55,7 @@ class GenerationParams:
         fields = [
             ("Steps", self.steps),
             ("Sampler", self.sampler),
-            ("CFG scale", f"{self.cfg:g}"),
+            ("CFG scale", f"{self.guidance_scale:g}"),
             ("Seed", self.seed),
             ("Size", f"{self.width}x{self.height}"),
             ("Model", self.model),
@@ -104,7 +103,7 @@ class GenerationJob:
     """Negative prompt per prompt ("" when guidance is off)."""
     n: int
     steps: int
-    cfg: float
+    guidance_scale: float
     seeds: list[int]
     """Seed per image (seed + k)."""
     generators: list[torch.Generator]
@@ -114,14 +113,15 @@ class GenerationJob:
     sampler: Sampler
     noise: torch.Tensor
     """(B, 4, H/8, W/8) float32 initial noise on the model device."""
-    context: torch.Tensor
-    """(B or 2B, 77, D) text context in the UNet dtype; [uncond; cond] with guidance."""
-    y: torch.Tensor | None
-    """SDXL vector (B or 2B, adm) or None."""
+    cond: dict[str, torch.Tensor]
+    """The family's conditioning tensors (B or 2B rows, [uncond; cond] with guidance) on the model
+    device in the denoiser dtype (`ModelBundle.conditioning`)."""
+    time_ids: torch.Tensor
+    """(B or 2B, 6) float32 size/crop ids in pixels on the model device."""
 
     @property
     def guidance(self) -> bool:
-        return self.cfg > 1.0
+        return self.guidance_scale > 1.0
 
 
 class Txt2ImgPipeline:
@@ -185,68 +185,45 @@ class Txt2ImgPipeline:
         original_size: tuple[int, int] | None = None,
         crop_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[dict, dict | None, torch.Tensor]:
         """Conditioning for len(prompts) * n images (each prompt repeated n times in a row).
 
-        size: (height, width) in pixels. Returns (context, y, neg_context, neg_y): context
-        (B, 77, D); y (B, adm) for SDXL else None; the negatives are None without guidance
-        (`negative_prompts` None). SDXL time ids are [orig_h, orig_w, crop_top, crop_left,
-        target_h, target_w], original and target size defaulting to `size`.
+        size: (height, width) in pixels. Returns (cond, neg_cond, time_ids): the family's
+        conditioning dicts (`ModelBundle.conditioning`, e.g. context (B, 77, D) and SDXL's pooled
+        vector), the negative one None without guidance (`negative_prompts` None), and time ids
+        (B, 6) float32 = [orig_h, orig_w, crop_top, crop_left, target_h, target_w], original and
+        target size defaulting to `size` (read by families with size conditioning).
         """
         bundle = self.bundle
-        context, pooled = bundle.encode_prompt(list(prompts))
-        neg_context = neg_pooled = None
-        if negative_prompts is not None:
-            neg_context, neg_pooled = bundle.encode_prompt(list(negative_prompts))
-        y = neg_y = None
-        if bundle.spec.is_sdxl:
-            from models.unet import sdxl_vector
+        cond = bundle.conditioning(bundle.tokenize(list(prompts)))
+        neg = None if negative_prompts is None else bundle.conditioning(bundle.tokenize(list(negative_prompts)))
+        ids = [*(original_size or size), *crop_top_left, *(target_size or size)]
+        time_ids = torch.tensor([ids] * (len(prompts) * n), dtype=torch.float32)
 
-            ids = [*(original_size or size), *crop_top_left, *(target_size or size)]
-            time_ids = torch.tensor([ids] * len(prompts), dtype=torch.float32, device=pooled.device)
-            y = sdxl_vector(pooled, time_ids)
-            if neg_pooled is not None:
-                neg_y = sdxl_vector(neg_pooled, time_ids)
+        def rep(c):
+            return None if c is None else {k: v.repeat_interleave(n, dim=0) for k, v in c.items()}
 
-        def rep(t):
-            return None if t is None else t.repeat_interleave(n, dim=0)
-
-        return rep(context), rep(y), rep(neg_context), rep(neg_y)
+        return rep(cond), rep(neg), time_ids
 
     # ---- generation ---------------------------------------------------------------------------
     def __call__(
         self,
         prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] = "",
-        steps: int = 30,
-        cfg: float = 7.0,
-        seed: int = 0,
-        width: int | None = None,
-        height: int | None = None,
-        n: int = 1,
-        sampler: str | None = None,
-        original_size: tuple[int, int] | None = None,
-        crop_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        latents: torch.Tensor | None = None,
+        *args,
         return_latents: bool = False,
         progress: bool = True,
         callback: Callable[[int, float, torch.Tensor], None] | None = None,
+        **kwargs,
     ):
         """Generate len(prompt) * n images (prompt-major order; image k uses seed + k).
 
-        width/height: pixels (default: the family's resolution), multiples of 8.
-        cfg: guidance scale; <= 1 disables classifier-free guidance (one UNet pass per step).
-        original_size / crop_top_left / target_size: SDXL micro-conditioning as (h, w) / (top, left).
-        latents: (B, 4, H/8, W/8) unit-variance initial noise replacing the seeded draw.
+        Takes `prepare`'s arguments (negative_prompt, steps, guidance_scale, seed, width, height,
+        n, sampler, original_size, crop_top_left, target_size, latents), then:
         callback(i, t, denoised) is called after each step. Returns a list of PIL images (each with
-        `info["parameters"]`), or (images, final latents (B, 4, H/8, W/8) float32) with
+        `info["parameters"]`), or (images, final latents (B, C, H/f, W/f) float32) with
         `return_latents`.
         """
-        job = self.prepare(
-            prompt, negative_prompt, steps, cfg, seed, width, height, n, sampler,
-            original_size, crop_top_left, target_size, latents,
-        )
+        job = self.prepare(prompt, *args, **kwargs)
         result = self.sample(job, progress=progress, callback=callback)
         images = self.to_images(job, self.decode(result))
         return (images, result) if return_latents else images
@@ -256,7 +233,7 @@ class Txt2ImgPipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
         steps: int = 30,
-        cfg: float = 7.0,
+        guidance_scale: float = 7.0,
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
@@ -267,7 +244,14 @@ class Txt2ImgPipeline:
         target_size: tuple[int, int] | None = None,
         latents: torch.Tensor | None = None,
     ) -> GenerationJob:
-        """Validate the arguments, encode the prompts and draw the initial noise (see `__call__`)."""
+        """Validate the arguments, encode the prompts and draw the initial noise.
+
+        width/height: pixels (default: the family's resolution), multiples of the VAE factor (8).
+        guidance_scale: classifier-free guidance scale; <= 1 disables it (one denoiser pass per step).
+        original_size / crop_top_left / target_size: size micro-conditioning as (h, w) / (top, left),
+        read by families that take it (SDXL).
+        latents: (B, C, H/f, W/f) unit-variance initial noise replacing the seeded draw.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty: give a string or a non-empty list of strings")
@@ -282,8 +266,9 @@ class Txt2ImgPipeline:
         sampler_obj = self._make_sampler(sampler or self.sampler)
         sampler_obj.plan(steps)  # validates steps before any work
         batch = len(prompts) * n
-        latent_shape = (batch, LATENT_CHANNELS, height // 8, width // 8)
-        device, dtype = self.bundle.unet.device, self.bundle.unet.dtype
+        f = self.bundle.vae.config.downsample_factor
+        latent_shape = (batch, self.bundle.vae.config.z_channels, height // f, width // f)
+        device, dtype = self.bundle.denoiser.device, self.bundle.denoiser.dtype
 
         seeds = [seed + k for k in range(batch)]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -294,20 +279,21 @@ class Txt2ImgPipeline:
                 raise ValueError(f"latents must have shape {latent_shape} for this call, got {tuple(latents.shape)}")
             noise = latents.float()
 
-        guidance = cfg > 1.0
+        guidance = guidance_scale > 1.0
         with torch.inference_mode():
-            context, y, neg_context, neg_y = self.encode(
+            cond, neg, time_ids = self.encode(
                 prompts, negatives if guidance else None, n, (height, width),
                 original_size, crop_top_left, target_size,
             )
-            if guidance:  # one batched UNet call per step: [uncond; cond]
-                context = torch.cat([neg_context, context])
-                y = None if y is None else torch.cat([neg_y, y])
+            if guidance:  # one batched denoiser call per step: [uncond; cond]
+                cond = {k: torch.cat([neg[k], v]) for k, v in cond.items()}
+                time_ids = torch.cat([time_ids, time_ids])
         return GenerationJob(
             prompts=prompts, negatives=negatives if guidance else [""] * len(prompts), n=n, steps=steps,
-            cfg=cfg, seeds=seeds, generators=generators, width=width, height=height, sampler=sampler_obj,
-            noise=noise.to(device), context=context.to(device=device, dtype=dtype),
-            y=None if y is None else y.to(device=device, dtype=dtype),
+            guidance_scale=guidance_scale, seeds=seeds, generators=generators, width=width, height=height,
+            sampler=sampler_obj,
+            noise=noise.to(device), cond={k: v.to(device=device, dtype=dtype) for k, v in cond.items()},
+            time_ids=time_ids.to(device),
         )
 
     def sample(
@@ -317,15 +303,14 @@ class Txt2ImgPipeline:
         callback: Callable[[int, float, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Run the sampler of a prepared job: final latents (B, 4, H/8, W/8) float32."""
-        unet, dtype = self.bundle.unet, self.bundle.unet.dtype
-        context, y, cfg = job.context, job.y, job.cfg
+        bundle, cond, time_ids, scale = self.bundle, job.cond, job.time_ids, job.guidance_scale
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if job.guidance:
-                out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), context, y).float()
-                uncond, cond = out.chunk(2)
-                return uncond + cfg * (cond - uncond)
-            return unet(x.to(dtype), t, context, y).float()
+                out = bundle.denoise(torch.cat([x, x]), torch.cat([t, t]), cond, time_ids).float()
+                uncond, positive = out.chunk(2)
+                return uncond + scale * (positive - uncond)
+            return bundle.denoise(x, t, cond, time_ids).float()
 
         bar = _progress(job.steps, progress)
 
@@ -346,16 +331,14 @@ class Txt2ImgPipeline:
                 bar.close()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in ~[-1, 1], float32.
+        """Diffusion latents (B, C, h, w) -> images (B, 3, f*h, f*w) in ~[-1, 1], float32.
 
-        Divides by the VAE scaling factor first; SDXL's VAE always decodes in fp32 (it overflows
-        in fp16)."""
+        Undoes the latent scaling and shift first; the VAE's own precision policy
+        (`VAEConfig.force_upcast`: the SDXL VAE overflows in fp16) decides the compute dtype."""
         vae = self.bundle.vae
-        upcast = True if self.bundle.spec.is_sdxl else None
         with torch.inference_mode():
-            z = vae.unscale_latents(latents.float())
-            z = z.to(vae.device, torch.float32 if upcast else vae.dtype)
-            return vae.decode(z, upcast=upcast).float()
+            z = vae.unscale_latents(latents.float()).to(vae.device)
+            return vae.decode(z).float()
 
     def to_images(self, job: GenerationJob, decoded: torch.Tensor) -> list[Image.Image]:
         """PIL images from decoded pixels, each with its A1111 `parameters` text in `info`."""
@@ -363,7 +346,7 @@ class Txt2ImgPipeline:
         for k, image in enumerate(images):
             params = GenerationParams(
                 prompt=job.prompts[k // job.n], negative_prompt=job.negatives[k // job.n], steps=job.steps,
-                sampler=job.sampler.display_name, cfg=job.cfg, seed=job.seeds[k], width=job.width,
+                sampler=job.sampler.display_name, guidance_scale=job.guidance_scale, seed=job.seeds[k], width=job.width,
                 height=job.height, model=self.model_name, loras=list(self.loras),
             )
             image.info["parameters"] = params.infotext()
@@ -388,17 +371,17 @@ def benchmark_sampling(
     height: int | None = None,
     batch: int = 1,
     sampler: str = "euler",
-    cfg: float = 7.0,
+    guidance_scale: float = 7.0,
     warmup_steps: int = 2,
 ) -> dict:
     """Time `steps` sampler steps (UNet with guidance + update) on the bundle's device and dtype.
 
     Text encoding and VAE decoding are timed separately and excluded from the per-step figure;
     a short run of `warmup_steps` comes first. Returns a dict: s_per_step, steps_per_s, sample_s,
-    encode_s, decode_s, steps, batch, width, height, sampler, cfg, device, dtype.
+    encode_s, decode_s, steps, batch, width, height, sampler, guidance_scale, device, dtype.
     """
     pipe = Txt2ImgPipeline(bundle, sampler=sampler)
-    device = bundle.unet.device
+    device = bundle.denoiser.device
 
     def clock() -> float:
         if device.type == "cuda":
@@ -406,7 +389,7 @@ def benchmark_sampling(
         return time.perf_counter()
 
     prompts = ["a photograph of an astronaut riding a horse"] * batch
-    kwargs = dict(cfg=cfg, width=width, height=height)
+    kwargs = dict(guidance_scale=guidance_scale, width=width, height=height)
     if warmup_steps:
         pipe.sample(pipe.prepare(prompts, steps=warmup_steps, **kwargs))
     t0 = clock()
@@ -428,7 +411,7 @@ def benchmark_sampling(
         "width": job.width,
         "height": job.height,
         "sampler": sampler,
-        "cfg": cfg,
+        "guidance_scale": guidance_scale,
         "device": str(device),
-        "dtype": str(bundle.unet.dtype).replace("torch.", ""),
+        "dtype": str(bundle.denoiser.dtype).replace("torch.", ""),
     }

@@ -1,0 +1,45 @@
+"""`python -m trainer bench [SECTION] [options]`: every benchmark behind one command.
+
+Sections:
+    train, sample, load, data   the comparison tables of `trainer.bench.train` (one or several
+                                with `--what train,sample`; no section = train)
+    unet                        UNet forward+backward, ours vs diffusers (`trainer.bench.unet`)
+    memory                      predicted GPU memory of a training step, no GPU (`trainer.bench.memory`)
+    load-file                   load time / peak RSS of a full-size checkpoint file (`trainer.bench.load`)
+    data-loader                 DataLoader throughput on generated or given images (`trainer.bench.data`)
+    cache-memory                RSS of the in-memory latent/text caches (`trainer.bench.cache_memory`)
+    soak                        a long run's RSS and open files over time (`trainer.bench.soak`)
+    recipe-options              step-time cost of EMA, masked loss and validation (`trainer.bench.recipe_options`)
+
+`python -m trainer bench SECTION -h` shows the options of one section.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .train import SECTIONS, add_arguments, run  # noqa: F401  (the table sections' options and runner)
+
+TOOLS = {
+    "unet": "trainer.bench.unet",
+    "memory": "trainer.bench.memory",
+    "load-file": "trainer.bench.load",
+    "data-loader": "trainer.bench.data",
+    "cache-memory": "trainer.bench.cache_memory",
+    "soak": "trainer.bench.soak",
+    "recipe-options": "trainer.bench.recipe_options",
+}
+
+
+def dispatch(argv: list[str]) -> int | None:
+    """Run a tool section with its own options; rewrite a table section into `--what`. Returns the
+    exit code of a tool section, or None to let the table benchmark parse `argv` (edited in place)."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    section = argv[0]
+    if section in TOOLS:
+        module = importlib.import_module(TOOLS[section])
+        return int(module.main(argv[1:]) or 0)
+    if section in SECTIONS:
+        argv[:1] = ["--what", section]
+        return None
+    return None
