@@ -1,40 +1,42 @@
 """Reference (oracle) models holding our weights, for parity tests.
 
-diffusers' UNet gets our ldm-named weights through diffusers' own single-file converter
-(`convert_ldm_unet_checkpoint`); transformers' CLIP text models take our state dict by name (our
-CLIP parameter names are the Hugging Face names).
+Configs come from our config.json builders (`models.checkpoints.diffusers_keys`), so the parity
+tests also check that what we write describes the same network. Weights reach diffusers' UNet
+through diffusers' own single-file converter (`convert_ldm_unet_checkpoint`), an independent
+definition of the ldm names; transformers' CLIP text models take our state dict by name (our CLIP
+parameter names are the Hugging Face names).
 """
 from __future__ import annotations
 
 import torch
 
+from models.checkpoints.diffusers_keys import (
+    clip_config_to_transformers,
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
 
-def diffusers_unet_config(c) -> dict:
+
+def _init_kwargs(config_json: dict) -> dict:
+    """A diffusers config.json dict as constructor kwargs (without its `_class_name`-style metadata)."""
+    return {k: v for k, v in config_json.items() if not k.startswith("_")}
+
+
+def diffusers_unet_config(c, sample_size: int = 8) -> dict:
     """diffusers UNet2DConditionModel kwargs for our UNetConfig `c`."""
-    widths = [c.model_channels * m for m in c.channel_mult]
-    cfg = dict(
-        sample_size=8, in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=widths,
-        layers_per_block=c.num_res_blocks,
-        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        # diffusers takes the middle block's depth from the last entry
-        transformer_layers_per_block=[max(d, 1) for d in c.transformer_depth[:-1]] + [c.transformer_depth_middle],
-        attention_head_dim=[c.heads_at(w)[0] for w in widths],  # diffusers' name for the head count
-        cross_attention_dim=c.context_dim, use_linear_projection=c.use_linear_in_transformer,
-        norm_num_groups=c.norm_num_groups, flip_sin_to_cos=True, freq_shift=0,
-    )
-    if c.adm_in_channels is not None:
-        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=c.adm_in_channels)
-    return cfg
+    return _init_kwargs(unet_config_to_diffusers(c, sample_size=sample_size))
+
+
+def diffusers_vae_config(c, sample_size: int = 32) -> dict:
+    """diffusers AutoencoderKL kwargs for our VAEConfig `c`."""
+    return _init_kwargs(vae_config_to_diffusers(c, sample_size=sample_size))
 
 
 def diffusers_unet(unet):
+    """UNet2DConditionModel with the weights of our `unet` (strict load)."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    """UNet2DConditionModel with the weights of our `unet` (strict load)."""
     du = UNet2DConditionModel(**diffusers_unet_config(unet.config)).eval()
     ldm = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     du.load_state_dict(convert_ldm_unet_checkpoint(ldm, du.config), strict=True)
@@ -45,14 +47,8 @@ def hf_text_encoder(te):
     """transformers CLIPTextModel(WithProjection) with the weights of our encoder `te`."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    c = te.config
-    hc = CLIPTextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, max_position_embeddings=c.max_position,
-        hidden_act=c.activation, layer_norm_eps=c.layer_norm_eps, projection_dim=c.projection_dim or c.hidden_size,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=1,
-    )
-    model = (CLIPTextModelWithProjection if c.projection_dim else CLIPTextModel)(hc).eval()
+    hc = CLIPTextConfig.from_dict(clip_config_to_transformers(te.config))
+    model = (CLIPTextModelWithProjection if te.config.projection_dim else CLIPTextModel)(hc).eval()
     sd = te.state_dict()
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}

@@ -3,10 +3,10 @@
 Tiny random models, CPU float32. The UNet/VAE ldm layout is defined by diffusers' own
 `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`: random ldm tensors are written to a
 single file AND converted by diffusers into the reference modules. CLIP-L is a transformers
-`CLIPTextModel` (its state dict under the single-file prefix), the bigG / ViT-H towers are
-open_clip `TextTransformer`s (their own state dicts under `conditioner.embedders.1.model.` /
-`cond_stage_model.model.`). Diffusers folders are written with `save_pretrained` (sharded UNet,
-fp16-variant-only text encoder). Outputs must agree to rel <= 1e-5.
+`CLIPTextModel` (its state dict under the single-file prefix), the bigG / ViT-H towers are an
+open_clip `TextTransformer` recorded with its outputs (`open_clip_oracle`; its own state dict under
+`conditioner.embedders.1.model.` / `cond_stage_model.model.`). Diffusers folders are written with
+`save_pretrained` (sharded UNet, fp16-variant-only text encoder). Outputs must agree to rel <= 1e-5.
 """
 import copy
 import json
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file as oracle_save
 
 import models
+import open_clip_oracle
 from models.unet import UNet, UNetConfig, sdxl_vector
 from models.vae import AutoencoderKL, VAEConfig
 
@@ -43,8 +44,6 @@ TINY_VAE = dict(
 )
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def rel(ours, ref) -> float:
     return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -62,27 +61,6 @@ def random_ldm(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
             t = t * (0.2 if p.ndim == 1 else 1 / max(1, p[0].numel()) ** 0.5)
         out[name] = t
     return out
-
-
-def openclip_tower(width, heads, layers, mlp, proj, seed):
-    from open_clip.transformer import TextTransformer
-
-    torch.manual_seed(seed)
-    tower = TextTransformer(context_length=77, vocab_size=49408, width=width, heads=heads, layers=layers,
-                            mlp_ratio=mlp / width, output_dim=proj, act_layer=torch.nn.GELU)
-    with torch.no_grad():  # open_clip zero-inits nothing important, but make biases non-trivial
-        for name, p in tower.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return tower.eval()
-
-
-def openclip_hidden(tower, ids, layer):
-    """open_clip's own computation of hidden state `layer` (1-based count of resblocks run)."""
-    x, mask = tower._embeds(ids)
-    for block in tower.transformer.resblocks[:layer]:
-        x = block(x, attn_mask=mask)
-    return x
 
 
 def hf_clip(hidden, layers, heads, inter, act, proj=None, seed=0):
@@ -135,12 +113,11 @@ def sdxl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
     unet_ldm, vae_ldm, d_unet, d_vae = reference_unet_vae("tiny-sdxl", SDXL_UNET, seed=10)
     te1 = hf_clip(32, 3, 2, 64, "quick_gelu", seed=11)
-    tower = openclip_tower(64, 2, 3, 128, 64, seed=12)
     sd = {"model.diffusion_model." + k: v for k, v in unet_ldm.items()}
     sd.update({"first_stage_model." + k: v for k, v in vae_ldm.items()})
     sd.update({"conditioner.embedders.0.transformer." + k: v.contiguous() for k, v in te1.state_dict().items()})
     sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    sd.update({"conditioner.embedders.1.model." + k: v.contiguous() for k, v in tower.state_dict().items()})
+    sd.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_oracle.tower_state_dict().items()})
     sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
     sd["alphas_cumprod"] = torch.rand(1000)  # a harmless extra real files carry
     single = root / "tiny_sdxl.safetensors"
@@ -160,7 +137,7 @@ def sdxl(tmp_path_factory):
     (folder / "model_index.json").write_text(json.dumps(index))
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
-    return dict(single=single, folder=folder, unet=d_unet, vae=d_vae, te1=te1, te2=te2, tower=tower)
+    return dict(single=single, folder=folder, unet=d_unet, vae=d_vae, te1=te1, te2=te2)
 
 
 def check_unet_sdxl(ours, ref):
@@ -194,14 +171,16 @@ def check_hf_clip(ours, ref, ids):
         assert rel(got.pooled, want.text_embeds) <= TOL
 
 
-def check_openclip(ours, tower, ids, penultimate_only=False):
-    layers = len(tower.transformer.resblocks)
+def check_openclip(ours, heads, penultimate_only=False):
+    """`ours` against open_clip's recorded outputs for the `loading` ids with `heads` heads."""
+    layers = open_clip_oracle.tower_config()["layers"]
+    ref = open_clip_oracle.outputs(heads, "loading")
     with torch.no_grad():
-        got = ours(ids)
-        assert rel(got.hidden_states[layers - 1], openclip_hidden(tower, ids, layers - 1)) <= TOL
-        if not penultimate_only:
-            assert rel(got.hidden_states[layers], openclip_hidden(tower, ids, layers)) <= TOL
-            assert rel(got.pooled, tower(ids)) <= TOL
+        got = ours(open_clip_oracle.token_ids("loading"))
+    assert rel(got.hidden_states[layers - 1], ref[f"hidden.{layers - 1}"]) <= TOL
+    if not penultimate_only:
+        assert rel(got.hidden_states[layers], ref[f"hidden.{layers}"]) <= TOL
+        assert rel(got.pooled, ref["pooled"]) <= TOL
 
 
 def test_sdxl_single_file_matches_references(sdxl):
@@ -212,7 +191,7 @@ def test_sdxl_single_file_matches_references(sdxl):
     check_vae(bundle.vae, sdxl["vae"])
     ids = token_ids()
     check_hf_clip(bundle.text_encoders[0], sdxl["te1"], ids)
-    check_openclip(bundle.text_encoders[1], sdxl["tower"], ids)
+    check_openclip(bundle.text_encoders[1], heads=2)
 
 
 def test_sdxl_diffusers_folder_matches_references(sdxl):
@@ -280,10 +259,9 @@ def test_sd2_single_file_openclip_vit_h(tmp_path):
     d_unet.load_state_dict(convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in unet_ldm.items()},
                                                        d_cfg), strict=True)
     vae_cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=32)
-    tower = openclip_tower(64, 1, 3, 128, 64, seed=31)
     sd = {"model.diffusion_model." + k: v for k, v in unet_ldm.items()}
     sd.update({"first_stage_model." + k: v for k, v in random_ldm(AutoencoderKL(vae_cfg, device="meta"), 32).items()})
-    sd.update({"cond_stage_model.model." + k: v.contiguous() for k, v in tower.state_dict().items()})
+    sd.update({"cond_stage_model.model." + k: v for k, v in open_clip_oracle.tower_state_dict().items()})
     path = tmp_path / "sd2.safetensors"
     oracle_save(sd, str(path), metadata={"modelspec.prediction_type": "v"})
     bundle = models.load_model(path)
@@ -294,7 +272,7 @@ def test_sd2_single_file_openclip_vit_h(tmp_path):
     x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 64, generator=gen)
     with torch.no_grad():
         assert rel(bundle.unet(x, torch.tensor([500.0]), ctx), d_unet(x, 500.0, encoder_hidden_states=ctx).sample) <= TOL
-    check_openclip(bundle.text_encoders[0], tower, token_ids(), penultimate_only=True)
+    check_openclip(bundle.text_encoders[0], heads=1, penultimate_only=True)
 
 
 def test_vae_override_fp16_fix_style(sdxl, tmp_path):

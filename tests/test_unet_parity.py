@@ -3,7 +3,7 @@
 Weights move from our ldm-named state dict to diffusers through diffusers' own
 `convert_ldm_unet_checkpoint` (fed with the `model.diffusion_model.` prefix of a single-file
 checkpoint), an independent definition of the ldm names; the result is loaded strictly. The
-diffusers config is written out below from the same numbers as our UNetConfig.
+diffusers config is the one we write into diffusers folders (`unet_config_to_diffusers`).
 """
 import pytest
 import torch
@@ -27,8 +27,6 @@ CASES = {
 # (batch, height, width, context tokens): non-square latents, batch > 1, a different token count.
 INPUTS = [(2, 16, 24, 77), (1, 16, 16, 77), (3, 12, 8, 20), (2, 13, 10, 9)]  # last: sides not multiples of 4
 
-
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

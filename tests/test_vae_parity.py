@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
-from reference_models import randomise, rel_err
+from reference_models import diffusers_vae_config, randomise, rel_err
 
 # (our config, input image shape): non-square, batch > 1, nin_shortcut in encoder and decoder.
 CASES = {
@@ -20,22 +20,6 @@ CASES = {
 }
 
 
-def diffusers_config(cfg: VAEConfig) -> dict:
-    levels = len(cfg.ch_mult)
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.z_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        sample_size=32,
-        scaling_factor=cfg.scaling_factor,
-    )
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request):
     from diffusers import AutoencoderKL as DiffusersVAE
@@ -44,7 +28,7 @@ def pair(request):
     cfg, shape = CASES[request.param]
     ours = AutoencoderKL(cfg).eval()
     randomise(ours, seed=1234)
-    dcfg = diffusers_config(cfg)
+    dcfg = diffusers_vae_config(cfg)
     ref = DiffusersVAE(**dcfg).eval()
     checkpoint = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
     converted = convert_ldm_vae_checkpoint(checkpoint, dcfg)

@@ -4,19 +4,7 @@ Our UNet and VAE use the original single-file (ldm/sgm) parameter names; diffuse
 blocks. The maps here are derived from the config, level by level, exactly as both codebases
 build their blocks, so they hold for any UNet/VAE shape (tiny test models included):
 
-UNet (L levels, R = num_res_blocks; ldm index i counts blocks across levels)
-    input_blocks.0.0                 conv_in
-    input_blocks.i.0 / .i.1          down_blocks.l.resnets.r / .attentions.r   (i = 1 + l*(R+1) + r)
-    input_blocks.i.0.op              down_blocks.l.downsamplers.0.conv         (r = R, l < L-1)
-    middle_block.0 / .1 / .2         mid_block.resnets.0 / .attentions.0 / .resnets.1
-    output_blocks.i.0 / .i.1         up_blocks.u.resnets.r / .attentions.r     (i = u*(R+1) + r, u = L-1-l)
-    output_blocks.i.{1|2}.conv       up_blocks.u.upsamplers.0.conv             (r = R, l > 0)
-    time_embed.{0,2} / label_emb.0.{0,2} / out.{0,2}
-                                     time_embedding.linear_{1,2} / add_embedding.linear_{1,2} /
-                                     conv_norm_out, conv_out
-    inside ResBlocks: in_layers.0 norm1, in_layers.2 conv1, out_layers.0 norm2, out_layers.3 conv2,
-    emb_layers.1 time_emb_proj, skip_connection conv_shortcut; SpatialTransformer insides are
-    named identically in both.
+UNet: the map of `models.checkpoints.unet_names` (shared with the LoRA name table).
 VAE (decoder levels are numbered from the output side in diffusers)
     {en,de}coder.norm_out            {en,de}coder.conv_norm_out
     encoder.down.l.block.r           encoder.down_blocks.l.resnets.r   (nin_shortcut -> conv_shortcut)
@@ -31,10 +19,14 @@ CLIP text encoders already use the transformers names (`text_model.*`, `text_pro
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+
+import torch
 
 from ..clip import CLIPTextConfig
 from ..unet import SDXL_SIZE_EMBED_DIM, UNetConfig
 from ..vae import VAEConfig
+from .unet_names import unet_diffusers_path
 
 __all__ = [
     "VAE_DIFFUSERS_LEGACY_NAMES",
@@ -45,9 +37,11 @@ __all__ = [
     "unet_config_from_diffusers",
     "unet_config_to_diffusers",
     "unet_prefix_map",
+    "unet_state_dict_to_diffusers",
     "unet_to_diffusers_key",
     "vae_config_from_diffusers",
     "vae_config_to_diffusers",
+    "vae_state_dict_to_diffusers",
     "vae_to_diffusers_key",
 ]
 
@@ -60,80 +54,31 @@ class UnsupportedConfigError(ValueError):
 
 
 # ---- UNet -----------------------------------------------------------------------------------
-_RESNET_RENAMES = (
-    ("in_layers.0.", "norm1."),
-    ("in_layers.2.", "conv1."),
-    ("out_layers.0.", "norm2."),
-    ("out_layers.3.", "conv2."),
-    ("emb_layers.1.", "time_emb_proj."),
-    ("skip_connection.", "conv_shortcut."),
-)
+def unet_prefix_map(cfg: UNetConfig) -> int:
+    """What the UNet names of `cfg` depend on, for `unet_to_diffusers_key`: ResBlocks per level."""
+    return cfg.num_res_blocks
 
 
-def unet_prefix_map(cfg: UNetConfig) -> dict[str, tuple[str, bool]]:
-    """{ldm module prefix: (diffusers module prefix, is_resnet)} for every block of `cfg`.
+def unet_to_diffusers_key(key: str, layers_per_block: int) -> str | None:
+    """Diffusers name of the ldm UNet parameter `key` (None when it has none).
 
-    Prefixes end with "."; `is_resnet` says the parameters inside need the ResBlock renames.
+    `layers_per_block` comes from `unet_prefix_map(cfg)`; the map is `unet_names.unet_diffusers_path`.
     """
-    levels = len(cfg.channel_mult)
-    nrb = cfg.num_res_blocks
-    m: dict[str, tuple[str, bool]] = {
-        "time_embed.0.": ("time_embedding.linear_1.", False),
-        "time_embed.2.": ("time_embedding.linear_2.", False),
-        "input_blocks.0.0.": ("conv_in.", False),
-        "out.0.": ("conv_norm_out.", False),
-        "out.2.": ("conv_out.", False),
-        "middle_block.0.": ("mid_block.resnets.0.", True),
-        "middle_block.1.": ("mid_block.attentions.0.", False),
-        "middle_block.2.": ("mid_block.resnets.1.", True),
-    }
-    if cfg.adm_in_channels is not None:
-        m["label_emb.0.0."] = ("add_embedding.linear_1.", False)
-        m["label_emb.0.2."] = ("add_embedding.linear_2.", False)
-    i = 1
-    for level in range(levels):
-        for r in range(nrb):
-            m[f"input_blocks.{i}.0."] = (f"down_blocks.{level}.resnets.{r}.", True)
-            if cfg.transformer_depth[level]:
-                m[f"input_blocks.{i}.1."] = (f"down_blocks.{level}.attentions.{r}.", False)
-            i += 1
-        if level != levels - 1:
-            m[f"input_blocks.{i}.0.op."] = (f"down_blocks.{level}.downsamplers.0.conv.", False)
-            i += 1
-    i = 0
-    for up in range(levels):
-        level = levels - 1 - up
-        has_attn = bool(cfg.transformer_depth[level])
-        for r in range(nrb + 1):
-            m[f"output_blocks.{i}.0."] = (f"up_blocks.{up}.resnets.{r}.", True)
-            if has_attn:
-                m[f"output_blocks.{i}.1."] = (f"up_blocks.{up}.attentions.{r}.", False)
-            if level and r == nrb:
-                m[f"output_blocks.{i}.{2 if has_attn else 1}.conv."] = (f"up_blocks.{up}.upsamplers.0.conv.", False)
-            i += 1
-    return m
+    return unet_diffusers_path(key, layers_per_block)
 
 
-_BLOCK_PREFIX = re.compile(r"^((?:input_blocks|output_blocks)\.\d+\.\d+\.(?:op\.|conv\.)?|middle_block\.\d+\.|"
-                           r"time_embed\.\d+\.|label_emb\.0\.\d+\.|out\.\d+\.)")
+def unet_state_dict_to_diffusers(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """Our UNet state dict (ldm names) under diffusers names, same tensors (views; works on meta).
 
-
-def unet_to_diffusers_key(key: str, prefix_map: dict[str, tuple[str, bool]]) -> str | None:
-    """Diffusers name of the ldm UNet parameter `key`, or None when `key` is not in the map."""
-    m = _BLOCK_PREFIX.match(key)
-    if not m:
-        return None
-    hit = prefix_map.get(m.group(1))
-    if hit is None:
-        return None
-    rest = key[len(m.group(1)):]
-    target, is_resnet = hit
-    if is_resnet:
-        for old, new in _RESNET_RENAMES:
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-    return target + rest
+    Raises ValueError naming the first parameter that has no diffusers name.
+    """
+    out = {}
+    for key, value in state.items():
+        name = unet_to_diffusers_key(key, cfg.num_res_blocks)
+        if name is None:
+            raise ValueError(f"UNet parameter {key!r} has no diffusers name")
+        out[name] = value
+    return out
 
 
 # ---- VAE ------------------------------------------------------------------------------------
@@ -183,6 +128,18 @@ def vae_to_diffusers_key(key: str, cfg: VAEConfig) -> str | None:
 def is_vae_attention_matrix(ldm_key: str) -> bool:
     """True for the VAE attention weights stored (C,C,1,1) in ldm files and (C,C) in diffusers."""
     return bool(re.match(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_key))
+
+
+def vae_state_dict_to_diffusers(state: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """Our VAE state dict (ldm names) under diffusers names; attention matrices (C,C,1,1) -> (C,C)
+    views (works on meta). Raises ValueError naming the first parameter that has no diffusers name."""
+    out = {}
+    for key, value in state.items():
+        name = vae_to_diffusers_key(key, cfg)
+        if name is None:
+            raise ValueError(f"VAE parameter {key!r} has no diffusers name")
+        out[name] = value.reshape(value.shape[:2]) if is_vae_attention_matrix(key) else value
+    return out
 
 
 # ---- config.json <-> our config dataclasses -------------------------------------------------

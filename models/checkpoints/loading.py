@@ -13,19 +13,20 @@ target dtype/device, after which its mapped pages are dropped. Tensors are assig
 
 Strict: every tensor of the file must be used or be on an explicit ignore list, and every
 parameter must be found with the right shape; otherwise one ModelLoadError lists the first few
-missing / unexpected / mis-shaped tensors and the likely cause.
+missing / unexpected / mis-shaped tensors and the likely cause. Every parameter is checked for
+NaN/inf as it is materialised (one fused min/max pass over data that is being read anyway;
+`safetensors_io.all_finite`), so a damaged checkpoint fails here instead of giving black images.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..bundle import FAMILIES, ModelBundle
+from ..bundle import ModelBundle
+from ..families import FAMILIES, lineages
 from .diffusers_folder import (
     PICKLE_SUFFIXES,
     FolderError,
@@ -49,15 +50,13 @@ from .diffusers_keys import (
 from .hub import HubError, download, parse_hub_source
 from .openclip_keys import (
     HF_IGNORED_KEYS,
-    hf_name_to_openclip,
     openclip_name_to_hf,
     openclip_to_hf,
 )
+from .materialize import ModelLoadError, Part, materialize, title, validate_parts
 from .safetensors_io import SafetensorsError, TensorStore
 from .single_file import (
-    OPENCLIP_PREFIXES,
     SUPPORTED,
-    TEXT_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
     UnsupportedModelError,
@@ -67,7 +66,7 @@ from .single_file import (
     infer_unet_config,
     infer_vae_config,
     is_ignored,
-    looks_like_lora,
+    is_openclip_prefix,
     matching_family,
     meta_module,
     pick_config,
@@ -76,35 +75,20 @@ from .single_file import (
     same_clip_shapes,
     same_unet_shapes,
     same_vae_shapes,
+    text_prefixes,
 )
+from ..clip import CLIPTextConfig
 from ..tokenizer import CLIPTokenizer
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 
 __all__ = ["ModelLoadError", "load_model", "open_weights"]
+# ModelLoadError lives with the checks that raise most of them; it is part of this module's API.
 
-_BASES = ("sdxl", "sd15", "sd2")
-_BASE_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2.x"}
+
+
 _TEXT_SLOTS = ("text_encoder", "text_encoder_2")
 _EXPECTED_ERRORS = (SafetensorsError, FolderError, HubError, UnsupportedConfigError, UnsupportedModelError)
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and what to do."""
-
-
-@dataclass
-class _Part:
-    """One module to build: its config and, per parameter, where its tensor comes from."""
-
-    slot: str  # unet, vae, text_encoder, text_encoder_2
-    config: object
-    store: TensorStore
-    sources: dict[str, str | torch.Tensor] = field(default_factory=dict)  # param -> store key or view
-    unexpected: list[str] = field(default_factory=list)  # store keys nothing uses
-    label: dict[str, str] = field(default_factory=dict)  # param -> name in the file, for messages
-    prefix: str = ""  # file-name prefix of parameters the file lacks, for messages
-    origin: dict[str, str] = field(default_factory=dict)  # param given as a view -> store key it views
 
 
 # ---- public ---------------------------------------------------------------------------------
@@ -179,9 +163,9 @@ def _local(source: str | Path, prefer_half: bool, component: bool = False) -> Pa
 def _check_family(family: str | None) -> str | None:
     if family is None:
         return None
-    if family not in FAMILIES and family not in _BASES:
+    if family not in FAMILIES:
         raise ModelLoadError(f"unknown family {family!r}; supported: {', '.join(FAMILIES)} (or None to detect it)")
-    return FAMILIES[family].base if family in FAMILIES else family
+    return FAMILIES[family].base
 
 
 def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred, zero_copy) -> ModelBundle:
@@ -197,14 +181,14 @@ def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred,
         base, parts, tokenizers, hinted = _from_single_file(path, want_base, family, allow_pickle)
     if vae is not None:
         vae_path = _local(vae, prefer_half, component=True)
-        parts["vae"] = _override_vae(vae_path, base, parts["vae"].config, variant, prefer_half, allow_pickle)
+        parts["vae"] = _override("vae", vae_path, base, parts["vae"].config, variant, prefer_half, allow_pickle)
     if unet is not None:
         unet_path = _local(unet, prefer_half, component=True)
-        parts["unet"] = _override_unet(unet_path, base, parts["unet"].config, variant, prefer_half, allow_pickle)
+        parts["unet"] = _override("unet", unet_path, base, parts["unet"].config, variant, prefer_half, allow_pickle)
     modules = {slot: meta_module(part.config) for slot, part in parts.items()}
-    _validate(parts, modules, base, family)
+    validate_parts(parts, modules, base, family)
     for slot, part in parts.items():
-        _materialize(modules[slot], part, dtype, device, zero_copy)
+        materialize(modules[slot], part, dtype, device, zero_copy)
     for part in parts.values():
         part.sources.clear()  # drop the last views so the memory maps can close
         part.store.close()
@@ -248,25 +232,25 @@ def _from_single_file(path: Path, want_base, family, allow_pickle):
     base = detect_family(keys, str(path))
     if want_base is not None and want_base != base:
         raise ModelLoadError(
-            f"{path} is an {_BASE_NAMES[base]} checkpoint (keys under {TEXT_PREFIXES[base][0]!r}) but family="
+            f"{path} is an {title(base)} checkpoint (keys under {text_prefixes(base)[0]!r}) but family="
             f"{family!r} was requested; pass family={base!r} or leave family unset"
         )
     hinted = prediction_type_hint(keys, store.metadata)
-    parts: dict[str, _Part] = {}
+    parts: dict[str, Part] = {}
     claimed = set()
     unet_src = {k[len(UNET_PREFIX):]: k for k in keys if k.startswith(UNET_PREFIX)}
     cfg = pick_config("unet", _shapes(unet_src, store), base, family, lambda s: infer_unet_config(s, base))
-    parts["unet"] = _Part("unet", cfg, store, unet_src, label=dict(unet_src), prefix=UNET_PREFIX)
+    parts["unet"] = Part("unet", cfg, store, unet_src, label=dict(unet_src), prefix=UNET_PREFIX)
     vae_src = {k[len(VAE_PREFIX):]: k for k in keys if k.startswith(VAE_PREFIX) and not is_ignored(k)}
     like = presets_for("vae", base, family)[0]
     cfg = pick_config("vae", _shapes(vae_src, store), base, family, lambda s: infer_vae_config(s, like))
-    parts["vae"] = _Part("vae", cfg, store, vae_src, label=dict(vae_src), prefix=VAE_PREFIX)
+    parts["vae"] = Part("vae", cfg, store, vae_src, label=dict(vae_src), prefix=VAE_PREFIX)
     claimed.update(unet_src.values(), vae_src.values())
-    for i, prefix in enumerate(TEXT_PREFIXES[base]):
+    for i, prefix in enumerate(text_prefixes(base)):
         slot = _TEXT_SLOTS[i]
         part = _text_part(slot, prefix, store, keys)
         shapes = _shapes(part.sources, store)
-        activation = "gelu" if prefix in OPENCLIP_PREFIXES else "quick_gelu"
+        activation = "gelu" if is_openclip_prefix(prefix) else "quick_gelu"
         try:
             inferred = infer_clip_config(shapes, activation)
         except (KeyError, ValueError):
@@ -278,14 +262,14 @@ def _from_single_file(path: Path, want_base, family, allow_pickle):
         claimed.update(k for k in keys if k.startswith(prefix))
     leftovers = [k for k in keys if k not in claimed and not is_ignored(k)]
     parts["unet"].unexpected += leftovers  # reported with the rest; they belong to no part
-    tokenizers = [CLIPTokenizer(pad_token_id=pad) for pad in FAMILIES[base].pad_token_ids]
+    tokenizers = [CLIPTokenizer(pad_token_id=pad) for pad in lineages()[base].pad_token_ids]
     return base, parts, tokenizers, hinted
 
 
-def _text_part(slot: str, prefix: str, store: TensorStore, keys: list[str]) -> _Part:
-    part = _Part(slot, None, store, prefix=prefix)
+def _text_part(slot: str, prefix: str, store: TensorStore, keys: list[str]) -> Part:
+    part = Part(slot, None, store, prefix=prefix)
     mine = [k for k in keys if k.startswith(prefix) and not is_ignored(k)]
-    if prefix in OPENCLIP_PREFIXES:
+    if is_openclip_prefix(prefix):
         usable = {}
         for k in mine:
             try:
@@ -350,26 +334,35 @@ def _from_folder(path: Path, want_base, family, variant, prefer_half, allow_pick
         raise ModelLoadError(f"{path} is a {cls} without a CLIP-L text encoder (an SDXL refiner?); "
                              f"supported: {SUPPORTED}")
     has_te2 = bool(index.get("text_encoder_2")) and index.get("text_encoder_2") != [None, None]
-    parts: dict[str, _Part] = {"unet": _folder_unet(path / "unet", variant, prefer_half, allow_pickle),
+    parts: dict[str, Part] = {"unet": _folder_unet(path / "unet", variant, prefer_half, allow_pickle),
                                "vae": _folder_vae(path / "vae", variant, prefer_half, allow_pickle)}
     for slot in _TEXT_SLOTS[: 2 if has_te2 else 1]:
         parts[slot] = _folder_text(path / slot, variant, prefer_half, allow_pickle)
-    if has_te2:
-        base = "sdxl"
-    else:
-        base = "sd2" if parts["text_encoder"].config.activation == "gelu" else "sd15"
+    base = _folder_lineage(path, cls, [parts[s].config for s in _TEXT_SLOTS if s in parts])
     if want_base is not None and want_base != base:
-        raise ModelLoadError(f"{path} is an {_BASE_NAMES[base]} pipeline ({cls}) but family={family!r} was "
+        raise ModelLoadError(f"{path} is an {title(base)} pipeline ({cls}) but family={family!r} was "
                              f"requested; pass family={base!r} or leave family unset")
-    pads = FAMILIES[base].pad_token_ids
+    pads = lineages()[base].pad_token_ids
     tokenizers = [load_tokenizer(path / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"), pad)
                   for i, pad in enumerate(pads)]
     return base, parts, tokenizers, prediction_type(path)
 
 
-def _map_part(slot: str, config, store: TensorStore, names: Mapping[str, list[str]]) -> _Part:
+def _folder_lineage(path: Path, cls: str, encoders: list) -> str:
+    """The lineage of a diffusers pipeline folder: the family declaring this pipeline class with
+    as many text encoders, of the same activation (OpenCLIP towers use gelu, CLIP-L quick_gelu)."""
+    for spec in lineages().values():
+        presets = [CLIPTextConfig.preset(p) for p in spec.text_encoders]
+        if spec.diffusers_pipeline == cls and len(presets) == len(encoders) and all(
+                p.activation == e.activation for p, e in zip(presets, encoders)):
+            return spec.base
+    raise ModelLoadError(f"{path} is a {cls} whose {len(encoders)} text encoder(s) match no supported family; "
+                         f"supported: {SUPPORTED}")
+
+
+def _map_part(slot: str, config, store: TensorStore, names: Mapping[str, list[str]]) -> Part:
     """A part whose parameter `p` comes from the first of `names[p]` present in `store`."""
-    part = _Part(slot, config, store)
+    part = Part(slot, config, store)
     used = set()
     for param, candidates in names.items():
         hit = next((c for c in candidates if c in store), None)
@@ -381,26 +374,26 @@ def _map_part(slot: str, config, store: TensorStore, names: Mapping[str, list[st
     return part
 
 
-def _folder_unet(folder: Path, variant, prefer_half, allow_pickle, config=None) -> _Part:
+def _folder_unet(folder: Path, variant, prefer_half, allow_pickle, config=None) -> Part:
     if config is None:
         config = unet_config_from_diffusers(read_json(folder / "config.json"), str(folder / "config.json"))
     store = _component_store(folder, variant, prefer_half, allow_pickle)
     return _unet_from_diffusers_store(store, config)
 
 
-def _unet_from_diffusers_store(store: TensorStore, config: UNetConfig) -> _Part:
+def _unet_from_diffusers_store(store: TensorStore, config: UNetConfig) -> Part:
     prefix_map = unet_prefix_map(config)
     params = meta_module(config).state_dict()
     return _map_part("unet", config, store, {p: [unet_to_diffusers_key(p, prefix_map) or p] for p in params})
 
 
-def _folder_vae(folder: Path, variant, prefer_half, allow_pickle) -> _Part:
+def _folder_vae(folder: Path, variant, prefer_half, allow_pickle) -> Part:
     config = vae_config_from_diffusers(read_json(folder / "config.json"), str(folder / "config.json"))
     store = _component_store(folder, variant, prefer_half, allow_pickle)
     return _vae_from_diffusers_store(store, config)
 
 
-def _vae_from_diffusers_store(store: TensorStore, config: VAEConfig) -> _Part:
+def _vae_from_diffusers_store(store: TensorStore, config: VAEConfig) -> Part:
     names = {}
     for p in meta_module(config).state_dict():
         name = vae_to_diffusers_key(p, config) or p
@@ -412,7 +405,7 @@ def _vae_from_diffusers_store(store: TensorStore, config: VAEConfig) -> _Part:
     return _map_part("vae", config, store, names)
 
 
-def _folder_text(folder: Path, variant, prefer_half, allow_pickle) -> _Part:
+def _folder_text(folder: Path, variant, prefer_half, allow_pickle) -> Part:
     store = _component_store(folder, variant, prefer_half, allow_pickle)
     config = clip_config_from_transformers(read_json(folder / "config.json"), "text_projection.weight" in store,
                                            str(folder / "config.json"))
@@ -422,168 +415,31 @@ def _folder_text(folder: Path, variant, prefer_half, allow_pickle) -> _Part:
 
 
 # ---- overrides ------------------------------------------------------------------------------
-def _override_vae(path: Path, base, default: VAEConfig, variant, prefer_half, allow_pickle) -> _Part:
+def _override(slot: str, path: Path, base, default, variant, prefer_half, allow_pickle) -> Part:
+    """The `unet` or `vae` part given separately (`unet=` / `vae=`): a diffusers folder (or its
+    component folder), a bare file with diffusers names (config from a `config.json` beside it),
+    or ldm names with or without the single-file prefix (from a full checkpoint only that part's
+    tensors are used). A file with the default's shapes keeps the default config (e.g. the
+    source's latent scaling)."""
+    unet = slot == "unet"
     if path.is_dir():
-        folder = path / "vae" if (path / "model_index.json").is_file() else path
-        return _folder_vae(folder, variant, prefer_half, allow_pickle)
-    store = open_weights(path, allow_pickle)
-    keys = list(store)
-    if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers names in a bare file
-        cfg_path = path.parent / "config.json"
-        config = vae_config_from_diffusers(read_json(cfg_path), str(cfg_path)) if cfg_path.is_file() else default
-        return _vae_from_diffusers_store(store, config)
-    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
-    sources = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and not is_ignored(k)}
-    config = pick_config("vae", _shapes(sources, store), base, None, lambda s: infer_vae_config(s, default))
-    if same_vae_shapes(config, default):
-        config = default  # keep the source's latent scaling
-    # From a full checkpoint given as vae=, only the `first_stage_model.` tensors are used.
-    return _Part("vae", config, store, sources, label=dict(sources), prefix=prefix)
-
-
-def _override_unet(path: Path, base, default: UNetConfig, variant, prefer_half, allow_pickle) -> _Part:
-    if path.is_dir():
-        folder = path / "unet" if (path / "model_index.json").is_file() else path
-        return _folder_unet(folder, variant, prefer_half, allow_pickle)
+        folder = path / slot if (path / "model_index.json").is_file() else path
+        return (_folder_unet if unet else _folder_vae)(folder, variant, prefer_half, allow_pickle)
     store = open_weights(path, allow_pickle)
     keys = list(store)
     foreign = describe_foreign(keys)
     if foreign:
-        raise ModelLoadError(f"unet={path} is {foreign}")
-    if any(k.startswith("down_blocks.") for k in keys):
+        raise ModelLoadError(f"{slot}={path} is {foreign}")
+    if any(k.startswith("down_blocks." if unet else "encoder.down_blocks.") for k in keys):
         cfg_path = path.parent / "config.json"
-        config = unet_config_from_diffusers(read_json(cfg_path), str(cfg_path)) if cfg_path.is_file() else default
-        return _unet_from_diffusers_store(store, config)
-    prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in keys) else ""
+        from_diffusers = unet_config_from_diffusers if unet else vae_config_from_diffusers
+        config = from_diffusers(read_json(cfg_path), str(cfg_path)) if cfg_path.is_file() else default
+        return (_unet_from_diffusers_store if unet else _vae_from_diffusers_store)(store, config)
+    full = UNET_PREFIX if unet else VAE_PREFIX
+    prefix = full if any(k.startswith(full) for k in keys) else ""
     sources = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and not is_ignored(k)}
-    config = pick_config("unet", _shapes(sources, store), base, None, lambda s: infer_unet_config(s, base))
-    if same_unet_shapes(config, default):
+    infer = (lambda sh: infer_unet_config(sh, base)) if unet else (lambda sh: infer_vae_config(sh, default))
+    config = pick_config(slot, _shapes(sources, store), base, None, infer)
+    if (same_unet_shapes if unet else same_vae_shapes)(config, default):
         config = default
-    return _Part("unet", config, store, sources, label=dict(sources), prefix=prefix)
-
-
-# ---- validation and materialisation ---------------------------------------------------------
-def _validate(parts: dict[str, _Part], modules: dict[str, nn.Module], base: str, family: str | None) -> None:
-    missing, unexpected, mismatched = [], [], []
-    where = sorted({p.store.name for p in parts.values()})
-    for slot, part in parts.items():
-        expected = modules[slot].state_dict()
-        for name, ref in expected.items():
-            src = part.sources.get(name)
-            label = part.label.get(name) or _file_name(part, name)
-            if src is None:
-                missing.append(label)
-                continue
-            shape = part.store.shape(src) if isinstance(src, str) else tuple(src.shape)
-            if tuple(shape) != tuple(ref.shape) and not _reshapeable(shape, tuple(ref.shape)):
-                mismatched.append(f"{label} {list(shape)} vs model {list(ref.shape)}")
-        extra = [part.label.get(n, n) for n in part.sources if n not in expected]
-        unexpected += part.unexpected + extra
-    if not (missing or unexpected or mismatched):
-        return
-    lines = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        if items:
-            shown = "; ".join(items[:4]) + (f"; ... (+{len(items) - 4} more)" if len(items) > 4 else "")
-            lines.append(f"{len(items)} {what}: {shown}")
-    raise ModelLoadError(
-        f"{', '.join(where)} does not match the {_BASE_NAMES[base]} model ({' | '.join(lines)}). "
-        f"Likely cause: {_likely_cause(missing, unexpected, mismatched, family)}"
-    )
-
-
-def _file_name(part: _Part, name: str) -> str:
-    """How the file would spell our parameter `name` (for listing missing tensors)."""
-    if part.prefix in OPENCLIP_PREFIXES:
-        try:
-            target = hf_name_to_openclip(name)
-        except KeyError:
-            target = None
-        if target is not None:
-            return part.prefix + target[0]
-    return part.prefix + name
-
-
-def _reshapeable(shape, target) -> bool:
-    """VAE attention: (C, C) Linear in diffusers files <-> (C, C, 1, 1) conv in ours."""
-    return len(shape) == 2 and tuple(target) == (*shape, 1, 1)
-
-
-def _likely_cause(missing, unexpected, mismatched, family) -> str:
-    if looks_like_lora(unexpected):
-        return describe_foreign(unexpected)
-    if mismatched:
-        return ("the checkpoint is a different architecture or size than the requested/detected family "
-                f"({family or 'auto'}): wrong family, or a modified model")
-    if missing and any("model_ema" in k for k in unexpected):
-        return "an EMA-only training checkpoint; export its EMA weights to the normal names first"
-    if missing:
-        return ("a pruned or partial file (for a UNet-only or VAE-only file, load a full base model and pass it "
-                "as unet=... / vae=...), or an interrupted conversion")
-    return "tensors this loader does not know (a newer or modified architecture, or a merged extra network)"
-
-
-def _stored_dtype(part: _Part) -> torch.dtype:
-    """Widest floating dtype among the part's tensors (dtype=None keeps what the file has)."""
-    best = None
-    for src in part.sources.values():
-        dt = part.store.dtype(src) if isinstance(src, str) else src.dtype
-        if dt.is_floating_point and (best is None or dt.itemsize > best.itemsize):
-            best = dt
-    return best or torch.float32
-
-
-_materialize_mode = "auto"
-"""How parameters get their memory, for the benchmark (`python -m trainer.bench.load --mode`):
-"auto" (zero-copy views where load_model's `mmap` allows, else a new tensor per parameter and
-`load_state_dict(assign=True)`), "assign" (always a new tensor) or "to_empty"
-(`module.to_empty()`, then copy in place)."""
-
-
-def _owns_storage(tensor: torch.Tensor) -> bool:
-    """A contiguous tensor spanning exactly its own storage (not a slice of a bigger one)."""
-    return (tensor.is_contiguous() and tensor.storage_offset() == 0
-            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
-
-
-def _materialize(module: nn.Module, part: _Part, dtype: torch.dtype | None, device: torch.device,
-                 zero_copy: bool) -> None:
-    """Give every parameter its tensor in the target dtype/device: the file view itself when
-    allowed (CPU, same dtype, own storage), else one copy, after which the file pages are dropped."""
-    target = dtype or _stored_dtype(part)
-    zero_copy = zero_copy and _materialize_mode == "auto" and device.type == "cpu"
-
-    def source(name: str, shape) -> torch.Tensor:
-        src = part.sources[name]
-        tensor = part.store[src] if isinstance(src, str) else src
-        return tensor if tuple(tensor.shape) == tuple(shape) else tensor.reshape(shape)
-
-    def done(name: str) -> None:
-        key = part.sources[name] if isinstance(part.sources[name], str) else part.origin.get(name)
-        if key is not None:
-            part.store.release(key)  # drop the file pages just copied
-
-    if _materialize_mode == "to_empty":
-        module.to(dtype=target).to_empty(device=device)
-        with torch.no_grad():
-            for name, param in module.state_dict(keep_vars=True).items():
-                param.copy_(source(name, param.shape))
-                done(name)
-        return
-    state = {}
-    for name, ref in module.state_dict().items():
-        tensor = source(name, ref.shape)
-        wanted = target if tensor.is_floating_point() else tensor.dtype
-        if zero_copy and tensor.dtype == wanted:
-            if not _owns_storage(tensor) and tensor.is_contiguous() and name in part.origin:
-                # A row block of a fused tensor (OpenCLIP q/k/v): view just those bytes.
-                part_view = part.store.view_part(part.origin[name], tensor.storage_offset(), tuple(ref.shape))
-                tensor = tensor if part_view is None else part_view
-            if _owns_storage(tensor):
-                state[name] = tensor  # a copy-on-write view of the file: no copy at all
-                continue
-        out = torch.empty(ref.shape, dtype=wanted, device=device)
-        out.copy_(tensor)
-        state[name] = out
-        done(name)
-    module.load_state_dict(state, strict=True, assign=True)
+    return Part(slot, config, store, sources, label=dict(sources), prefix=prefix)

@@ -22,18 +22,21 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .fileio import atomic_file
+
 __all__ = [
     "SafetensorsError",
     "SafetensorsFile",
     "TensorInfo",
     "TensorStore",
+    "all_finite",
+    "count_nonfinite",
     "read_header",
     "save_file",
     "write_stream",
@@ -208,6 +211,18 @@ class SafetensorsFile:
         self._mm = None
 
 
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a `.safetensors` file in its own CPU memory, plus the metadata: the one
+    validating reader of the small files the project writes and reads back (LoRA files, training
+    checkpoints' adapter weights, cache entries). Raises SafetensorsError naming the file when it
+    is truncated, corrupt or not safetensors, FileNotFoundError when it is missing."""
+    f = SafetensorsFile(path)
+    try:
+        return {k: f.view(k).clone() for k in f.tensors}, dict(f.metadata)
+    finally:
+        f.close()
+
+
 class TensorStore(Mapping):
     """Read-only name -> tensor mapping over one or more safetensors files (or an in-memory dict).
 
@@ -330,6 +345,38 @@ class TensorStore(Mapping):
         self.close()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element of `tensor` is NaN or +-inf (always True for non-floating tensors).
+
+    One fused min/max reduction: NaN propagates into both, an infinity is the min or the max. It
+    reads the data once at memory speed (4-9 GB/s on one CPU core) and allocates nothing of the
+    tensor's size, unlike `torch.isfinite(t).all()` (a bool tensor, ~10x slower on the CPU)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    # On the CPU in one thread: a memory-bound reduction gains little from more, and on a busy
+    # machine every parallel region waits for descheduled threads (a whole SDXL checkpoint took
+    # 11 s with 2 threads vs 1.1 s with 1 on 2 shared vCPUs). Callers check from one thread.
+    threads = torch.get_num_threads() if tensor.device.type == "cpu" else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        low, high = torch.aminmax(tensor)
+    except (RuntimeError, NotImplementedError):  # float8 dtypes have no aminmax kernel
+        return bool(torch.isfinite(tensor.float()).all())
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, infinity count) of `tensor`, for error messages (slower than `all_finite`)."""
+    if not tensor.is_floating_point():
+        return 0, 0
+    t = tensor.float() if tensor.dtype.itemsize == 1 else tensor
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
 def _convert(src: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
     """Copy `src` into new memory with `dtype` (if floating) on `device`: one allocation, one copy."""
     target = dtype if (dtype is not None and src.is_floating_point()) else src.dtype
@@ -338,19 +385,15 @@ def _convert(src: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tens
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_file(
     tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    durable: bool = True,
 ) -> Path:
-    """Write `tensors` to `path` atomically, converting floating tensors to `dtype` when given.
+    """Write `tensors` to `path` atomically, converting floating tensors to `dtype` when given
+    (`durable`: the fsync policy of `fileio.atomic_file`; caches pass False).
 
     Tensors are converted and written one at a time (peak extra memory: the largest tensor).
     They may be on any device; none may be on `meta`. Returns the path written.
@@ -366,7 +409,7 @@ def save_file(
             raise ValueError(f"cannot save {path}: tensor {name!r} is on the meta device (load or materialise it first)")
     specs = [(name, out_dtype(t), tuple(t.shape)) for name, t in items.items()]
     return write_stream(path, specs, lambda name: items[name].detach().to(device="cpu", dtype=out_dtype(items[name])),
-                        metadata)
+                        metadata, durable=durable)
 
 
 def write_stream(
@@ -374,13 +417,14 @@ def write_stream(
     specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     produce: Callable[[str], torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    durable: bool = True,
 ) -> Path:
     """Atomically write a file whose tensors are known up front as (name, dtype, shape) and whose
     data `produce(name)` returns, one tensor at a time, when its turn comes.
 
     Tensors are laid out in descending element size then name order, so every tensor starts at a
-    multiple of its element size. The data goes to a temporary file in the same folder, fsynced and
-    renamed over `path`; on any error the temporary file is removed and `path` is untouched.
+    multiple of its element size. Written through `fileio.atomic_file` (`durable`: fsync policy): on
+    any error `path` is untouched.
     """
     path = Path(path)
     specs = list(specs)
@@ -404,29 +448,16 @@ def write_stream(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, dt, shape in specs:
-                data = produce(name)
-                if data.dtype != dt or tuple(data.shape) != tuple(shape) or data.device.type != "cpu":
-                    raise ValueError(f"cannot save {path}: tensor {name!r} came as {data.dtype} {list(data.shape)} "
-                                     f"on {data.device}, expected {dt} {list(shape)} on cpu")
-                data = data.contiguous()
-                if data.numel():
-                    f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
-                del data
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, "wb", durable=durable) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dt, shape in specs:
+            data = produce(name)
+            if data.dtype != dt or tuple(data.shape) != tuple(shape) or data.device.type != "cpu":
+                raise ValueError(f"cannot save {path}: tensor {name!r} came as {data.dtype} {list(data.shape)} "
+                                 f"on {data.device}, expected {dt} {list(shape)} on cpu")
+            data = data.contiguous()
+            if data.numel():
+                f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+            del data
     return path

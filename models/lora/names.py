@@ -13,10 +13,10 @@ name a module in one of these spellings:
 - PEFT / diffusers `save_lora_weights`: `unet.` + diffusers path, `text_encoder.` /
   `text_encoder_2.` + HF path, each followed by `.lora_A.weight` / `.lora_B.weight`.
 
-The ldm -> diffusers UNet path map is computed from the block layout (`layers_per_block` ResBlocks
-per level, then a Downsample; the decoder has one ResBlock more per level), so it holds for every
-SD1.5/SD2/SDXL-shaped UNet, full size or tiny. Names are matched exactly through tables built from
-the model's own modules, never by guessing where an underscore stood for a dot.
+The ldm -> diffusers UNet path map is the checkpoint converter's (`models.checkpoints.unet_names`),
+computed from the block layout, so it holds for every SD1.5/SD2/SDXL-shaped UNet, full size or
+tiny. Names are matched exactly through tables built from the model's own modules, never by
+guessing where an underscore stood for a dot.
 """
 from __future__ import annotations
 
@@ -26,106 +26,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..checkpoints.unet_names import layers_per_block, unet_diffusers_path
+
 # Kohya prefix and diffusers/PEFT prefix per component. Components are named after the text
 # encoder slot they fill: SD1.5/SD2 have one (`te`), SDXL two (`te1` CLIP-L, `te2` bigG).
 KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 PEFT_PREFIX = {"unet": "unet.", "te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2."}
 
-_RESBLOCK_TO_DIFFUSERS = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "skip_connection": "conv_shortcut",
-}
-_TOP_LEVEL_TO_DIFFUSERS = {
-    "time_embed.0": "time_embedding.linear_1",
-    "time_embed.2": "time_embedding.linear_2",
-    "label_emb.0.0": "add_embedding.linear_1",
-    "label_emb.0.2": "add_embedding.linear_2",
-    "input_blocks.0.0": "conv_in",
-    "out.0": "conv_norm_out",
-    "out.2": "conv_out",
-}
-
-
-def text_encoder_components(base: str) -> tuple[str, ...]:
-    """Component names of a family's text encoders, in bundle order: SDXL ("te1", "te2"), else ("te",)."""
-    return ("te1", "te2") if base == "sdxl" else ("te",)
-
-
-def layers_per_block(unet_module_paths: Iterable[str]) -> int:
-    """ResBlocks per encoder level, read from the module paths of an ldm-layout UNet.
-
-    The first Downsample sits at `input_blocks.{L+1}.0.op`; a UNet without one has all its encoder
-    blocks in one level (`input_blocks.1 .. L`).
-    """
-    indices = set()
-    for path in unet_module_paths:
-        m = re.match(r"input_blocks\.(\d+)\.0\.op$", path)
-        if m:
-            indices.add(int(m.group(1)))
-    if indices:
-        return min(indices) - 1
-    blocks = {int(m.group(1)) for p in unet_module_paths if (m := re.match(r"input_blocks\.(\d+)\.", p))}
-    if not blocks:
-        raise ValueError("not an ldm-layout UNet: no `input_blocks.N` modules found")
-    return max(blocks)
-
-
-def _resblock_inner(rest: list[str]) -> list[str] | None:
-    """ResBlock child path (ldm) -> diffusers resnet child path."""
-    for ldm, diff in _RESBLOCK_TO_DIFFUSERS.items():
-        n = ldm.count(".") + 1
-        if rest[:n] == ldm.split("."):
-            return diff.split(".") + rest[n:]
-    return None
-
-
-def unet_diffusers_path(path: str, n_layers: int) -> str | None:
-    """diffusers UNet2DConditionModel module path for an ldm UNet module path (None if it has none).
-
-    `path` has no `.weight` suffix; `n_layers` is `layers_per_block`. Examples with n_layers=2:
-    `input_blocks.4.1.proj_in` -> `down_blocks.1.attentions.0.proj_in`,
-    `input_blocks.3.0.op` -> `down_blocks.0.downsamplers.0.conv`,
-    `output_blocks.2.1.conv` -> `up_blocks.0.upsamplers.0.conv`,
-    `middle_block.2.emb_layers.1` -> `mid_block.resnets.1.time_emb_proj`.
-    """
-    for ldm, diff in _TOP_LEVEL_TO_DIFFUSERS.items():
-        if path == ldm or path.startswith(ldm + "."):
-            return diff + path[len(ldm):]
-    parts = path.split(".")
-    if parts[0] == "middle_block" and len(parts) >= 3 and parts[1] in ("0", "1", "2"):
-        # middle_block = (ResBlock, SpatialTransformer, ResBlock), with no inner child index.
-        index, inner = int(parts[1]), parts[2:]
-        if index == 1:
-            return ".".join(["mid_block.attentions.0", *inner])
-        mapped = _resblock_inner(inner)
-        return None if mapped is None else ".".join([f"mid_block.resnets.{index // 2}", *mapped])
-    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        return None
-    group, index, child, inner = parts[0], int(parts[1]), parts[2], parts[3:]
-    if group == "input_blocks" and index > 0:
-        level, j = divmod(index - 1, n_layers + 1)
-        if j == n_layers:  # the level's Downsample: input_blocks.i.0.op
-            return ".".join([f"down_blocks.{level}.downsamplers.0.conv", *inner[1:]]) if inner[:1] == ["op"] else None
-        head, resnet, attention = f"down_blocks.{level}", f"resnets.{j}", f"attentions.{j}"
-    elif group == "output_blocks":
-        level, j = divmod(index, n_layers + 1)
-        head, resnet, attention = f"up_blocks.{level}", f"resnets.{j}", f"attentions.{j}"
-        # The Upsample is the block's last child (.1 without attention, .2 with); it is the only
-        # child with a `conv` member, which tells it apart from a SpatialTransformer at .1.
-        if child in ("1", "2") and inner[:1] == ["conv"]:
-            return ".".join([f"{head}.upsamplers.0.conv", *inner[1:]])
-    else:
-        return None
-    if child == "0":
-        mapped = _resblock_inner(inner)
-        return None if mapped is None else ".".join([head, resnet, *mapped])
-    if child == "1":  # SpatialTransformer: children keep their names
-        return ".".join([head, attention, *inner])
-    return None
+def text_encoder_components(spec) -> tuple[str, ...]:
+    """Component names of a family's text encoders, in bundle order (`FamilySpec.lora_text_components`:
+    SDXL ("te1", "te2"), SD1.5/SD2 ("te",))."""
+    return spec.lora_text_components
 
 
 def kohya_spelling(path: str) -> str:
@@ -153,12 +64,14 @@ class LoRANameTable:
     """Exact name lookups for the LoRA-able modules of one model.
 
     `modules` maps a component to the module paths (our naming) that may carry a LoRA: every
-    Linear / Conv2d. `base` is the family's conditioning base (`sdxl`, `sd15`, `sd2`): it decides
-    whether the canonical UNet spelling is ldm (SDXL) or diffusers (SD1.5/SD2).
+    Linear / Conv2d. `unet_names` is the family's kohya UNet spelling (`FamilySpec.lora_unet_names`):
+    "ldm" (SDXL) or "diffusers" (SD1.5/SD2) paths are canonical; the other is accepted as an alias.
     """
 
-    def __init__(self, base: str, modules: dict[str, list[str]]):
-        self.base = base
+    def __init__(self, unet_names: str, modules: dict[str, list[str]]):
+        if unet_names not in ("ldm", "diffusers"):
+            raise ValueError(f"unet_names must be 'ldm' or 'diffusers', got {unet_names!r}")
+        self.unet_names = unet_names
         self.refs: dict[tuple[str, str], ModuleRef] = {}
         self._by_kohya: dict[str, ModuleRef] = {}
         self._by_peft: dict[str, ModuleRef] = {}
@@ -172,7 +85,7 @@ class LoRANameTable:
                     diff = unet_diffusers_path(path, n_layers)
                     diff_name = None if diff is None else prefix + kohya_spelling(diff)
                     # SD1.5/SD2 kohya files use diffusers paths; modules diffusers lacks keep ldm ones.
-                    canonical = ldm_name if base == "sdxl" or diff_name is None else diff_name
+                    canonical = ldm_name if unet_names == "ldm" or diff_name is None else diff_name
                     aliases = tuple(n for n in (ldm_name, diff_name) if n is not None and n != canonical)
                     peft = None if diff is None else PEFT_PREFIX[component] + diff
                 else:
@@ -276,16 +189,33 @@ def select_layers(root: nn.Module, spec: str | Sequence[str], presets: tuple[str
 
 def components_of(bundle) -> dict[str, nn.Module]:
     """LoRA components of a bundle: `unet` and `te` (SD1.5/SD2) or `te1`/`te2` (SDXL)."""
-    names = text_encoder_components(bundle.spec.base)
+    names = text_encoder_components(bundle.spec)
     if len(names) != len(bundle.text_encoders):
         raise ValueError(f"family {bundle.family!r}: expected {len(names)} text encoders, got {len(bundle.text_encoders)}")
     return {"unet": bundle.unet, **dict(zip(names, bundle.text_encoders))}
 
 
+_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def drop_unread_text_layers(pairs, bundle, component: str) -> list[tuple[str, nn.Module]]:
+    """`pairs` without the text-encoder layers the family's conditioning never reads (SDXL's CLIP-L
+    and SD2 are read at the penultimate layer): adapters there would never receive a gradient,
+    and under data parallelism their missing gradients stop the run. Raises when nothing is left."""
+    index = text_encoder_components(bundle.spec).index(component)
+    encoder = bundle.text_encoders[index]
+    used = bundle.spec.text_layers_used(index, encoder.config.num_layers)
+    kept = [(p, m) for p, m in pairs if (match := _TEXT_LAYER.search(p)) is None or int(match.group(1)) < used]
+    if pairs and not kept:
+        raise ValueError(f"the LoRA targets of text encoder {component} of {bundle.family} are all in layers "
+                         f">= {used}, which {bundle.family} never reads; target layers 0..{used - 1}")
+    return kept
+
+
 def name_table(bundle) -> LoRANameTable:
     """Exact name table (kohya / diffusers / PEFT spellings) for every Linear/Conv2d of the bundle."""
     parts = components_of(bundle)
-    return LoRANameTable(bundle.spec.base, {c: [p for p, _, _ in iter_layers(m)] for c, m in parts.items()})
+    return LoRANameTable(bundle.spec.lora_unet_names, {c: [p for p, _, _ in iter_layers(m)] for c, m in parts.items()})
 
 
 def filter_layers(pairs, component: str, include: Sequence[str], exclude: Sequence[str]):

@@ -2,11 +2,11 @@
 
     python -m trainer.bench.unet [--config tiny-sdxl] [--batch 2] [--res 64] [--steps 10]
 
-Both models get the same config, the same weights (ours random, moved to diffusers through its own
-``convert_ldm_unet_checkpoint``) and the same inputs, in one process; runs alternate between the two
-so that machine noise hits both alike. ``--res`` is the latent side (pixels / 8). ``--config`` takes a
-UNet preset or one of ``BENCH_CONFIGS`` (mid-size variants). diffusers is a benchmark-only
-dependency, imported inside ``build_reference`` and nowhere else.
+Both models get the same config (the config.json we write for diffusers folders), the same weights
+(ours random, renamed by our diffusers-folder converter) and the same inputs, in one process; runs
+alternate between the two so that machine noise hits both alike. ``--res`` is the latent side
+(pixels / 8). ``--config`` takes a UNet preset or one of ``BENCH_CONFIGS`` (mid-size variants).
+diffusers is a benchmark-only dependency, imported by ``diffusers_unet_class`` and nowhere else.
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ import time
 
 import torch
 
+from models.checkpoints.diffusers_keys import (
+    unet_config_to_diffusers,
+    unet_state_dict_to_diffusers,
+)
 from models.unet import UNet, UNetConfig, sdxl_vector
 
 BENCH_CONFIGS = {
@@ -36,68 +40,27 @@ def bench_config(name: str) -> UNetConfig:
         raise ValueError(f"{err}; or a bench config: {', '.join(BENCH_CONFIGS)}") from None
 
 
-def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """UNet2DConditionModel kwargs describing the same network as ``cfg``."""
-    levels = len(cfg.channel_mult)
-    widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    attn = [d > 0 for d in cfg.transformer_depth]
-    # diffusers' ``attention_head_dim`` is in fact the number of heads per level.
-    heads = [cfg.heads_at(w)[0] for w in widths]
-    out = {
-        "sample_size": 32,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "block_out_channels": widths,
-        "layers_per_block": cfg.num_res_blocks,
-        "cross_attention_dim": cfg.context_dim,
-        "attention_head_dim": heads,
-        "use_linear_projection": cfg.use_linear_in_transformer,
-        "transformer_layers_per_block": [max(d, 1) for d in cfg.transformer_depth],
-        "norm_num_groups": cfg.norm_num_groups,
-    }
-    if cfg.transformer_depth_middle != max(cfg.transformer_depth[-1], 1):
-        raise ValueError("diffusers' mid block has the last level's depth; cannot express this config")
-    if cfg.adm_in_channels is not None:
-        out.update(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=cfg.adm_in_channels,
-        )
-    assert levels == len(out["down_block_types"])
-    return out
-
-
-def import_single_file_utils():
-    """diffusers' single-file module imports transformers, which imports torchvision; on CPU-only
-    torch the PyPI torchvision fails registering fakes for two ops unless their schemas exist."""
+def diffusers_unet_class():
+    """diffusers' UNet2DConditionModel (the comparison baseline; imported only when compared)."""
     try:
-        from diffusers.loaders import single_file_utils
-    except (ImportError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor")
-        globals()["_TORCHVISION_SCHEMAS"] = lib
-        import sys
-
-        for name in [m for m in sys.modules if m.startswith(("torchvision", "transformers", "diffusers"))]:
-            del sys.modules[name]
-        from diffusers.loaders import single_file_utils
-    return single_file_utils
+        from diffusers import UNet2DConditionModel
+    except ImportError as exc:
+        raise RuntimeError(f"the comparison with diffusers needs it installed (pip install diffusers): {exc}") from None
+    return UNet2DConditionModel
 
 
 def build_reference(unet: UNet) -> torch.nn.Module:
-    """diffusers' UNet2DConditionModel holding ``unet``'s weights (strict load)."""
-    sfu = import_single_file_utils()
-    from diffusers import UNet2DConditionModel
+    """diffusers' UNet2DConditionModel holding copies of ``unet``'s weights (strict load).
 
-    dcfg = diffusers_unet_config(unet.config)
-    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    converted = sfu.convert_ldm_unet_checkpoint(sd, dcfg)
-    ref = UNet2DConditionModel(**dcfg)
-    ref.load_state_dict(converted, strict=True)
-    return ref.to(unet.dtype)
+    Its config is the config.json we write for diffusers folders and its weights are ours under the
+    names our converter gives them, so a wrong config or name fails the load or the output check.
+    """
+    model_class = diffusers_unet_class()
+    state = unet_state_dict_to_diffusers(unet.state_dict(), unet.config)
+    with torch.device("meta"):
+        ref = model_class.from_config(unet_config_to_diffusers(unet.config, sample_size=32))
+    ref.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    return ref
 
 
 def make_inputs(cfg: UNetConfig, batch: int, height: int, width: int, generator=None) -> dict:
