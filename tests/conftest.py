@@ -1,8 +1,8 @@
-"""Shared test setup.
+"""Shared test setup: offline hub, quiet oracles, one thread policy, CUDA-only tests skipped on CPU.
 
-The oracle packages (diffusers, transformers, open_clip) import torchvision. On CPU-only torch the
-PyPI torchvision wheel cannot load its compiled ops, and its fake-op registrations then fail at
-import. Declaring the two op schemas it registers fakes for lets it import; no test uses them.
+The oracle packages (diffusers, transformers, peft) run as installed: nothing here patches them.
+open_clip, which would need torchvision, is an oracle through recorded data instead
+(tests/open_clip_oracle.py).
 """
 import gzip
 import json
@@ -16,39 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-
-def _declare_torchvision_ops() -> None:
-    try:
-        torch.ops.load_library  # noqa: B018 - torch is importable
-        import importlib.util
-
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None:
-            return
-        from pathlib import Path
-
-        so = Path(spec.origin).parent / "_C.so"
-        try:
-            torch.ops.load_library(str(so))
-            return
-        except Exception:
-            pass
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define(
-            "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
-        )
-        globals()["_TV_LIB"] = lib  # keep the library object alive
-    except Exception:
-        pass
-
-
-_declare_torchvision_ops()
-
-# Under xdist every worker already owns a core; letting each spawn a full thread pool
-# oversubscribes the machine and makes tiny-model tests many times slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# One thread policy for the whole suite: every test, and every process a test starts, uses one
+# intra-op thread. The tensors are tiny and the suite runs one worker per core (`-n 2` on two
+# cores), so more threads only contend, and oversubscribed OpenMP pools can stall.
+TEST_THREADS = 1
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)  # inherited by subprocesses (CLI and DDP runs)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,8 +33,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
     torch.manual_seed(0)
+    # Reset before every test: code under test may change it (e.g. `train.cpu_threads`).
+    torch.set_num_threads(TEST_THREADS)
 
 
 CLIP_BPE_ASSET = Path(__file__).resolve().parents[1] / "models" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
@@ -110,14 +84,3 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state()
     GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP stalls when the test
-    workers oversubscribe the cores. Modules opt in with
-    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -3,11 +3,13 @@
 Tiny configs, random weights (LayerNorms included), CPU float32, relative error <= 1e-5 as
 (ours - ref).norm() / ref.norm(). Weight mapping: transformers -> ours by identical names (minus
 `HF_IGNORED_KEYS`); open_clip -> ours through `models.checkpoints.openclip_keys.openclip_to_hf`.
+open_clip's weights and outputs are recorded data (`open_clip_oracle`, tests/fixtures/).
 """
 import pytest
 import torch
 from torch import nn
 
+import open_clip_oracle
 from models.clip import CLIPTextConfig, CLIPTextEncoder
 from models.checkpoints.openclip_keys import HF_IGNORED_KEYS, hf_to_openclip, openclip_to_hf
 
@@ -125,58 +127,32 @@ def test_bigg_matches_transformers_with_projection(pad_id):
     assert rel_err(out.pooled, ref.text_embeds) <= TOL
 
 
-def make_open_clip_text(cfg: CLIPTextConfig) -> nn.Module:
-    from open_clip.transformer import TextTransformer
-
-    return TextTransformer(
-        context_length=cfg.max_position,
-        vocab_size=cfg.vocab_size,
-        width=cfg.hidden_size,
-        heads=cfg.num_heads,
-        layers=cfg.num_layers,
-        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
-        output_dim=cfg.projection_dim,
-        pool_type="argmax",
-        proj_type="linear",
-        proj_bias=False,  # a (width, output_dim) Parameter used as x @ P, as in ViT-bigG-14
-        act_layer=nn.GELU,
-    ).eval()
-
-
-@pytest.mark.parametrize("pad_id", [EOS, 0], ids=["pad-eos", "pad-zero"])
-def test_bigg_matches_open_clip(pad_id):
+@pytest.mark.parametrize("case", ["bigg.pad_eos", "bigg.pad_zero"])
+def test_bigg_matches_open_clip(case):
     cfg = CLIPTextConfig.preset("tiny-bigg")
-    oc = make_open_clip_text(cfg)
-    randomize_(oc, seed=4)
-    assert isinstance(oc.text_projection, nn.Parameter)
+    tower = open_clip_oracle.tower_config()
+    assert (tower["width"], tower["layers"], tower["mlp"], tower["output_dim"]) == (
+        cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, cfg.projection_dim)
     prefix = "conditioner.embedders.1.model."
-    checkpoint = {prefix + k: v for k, v in oc.state_dict().items()}
+    checkpoint = {prefix + k: v for k, v in open_clip_oracle.tower_state_dict().items()}
     checkpoint[prefix + "logit_scale"] = torch.tensor(4.6)  # harmless extra in SDXL files
     checkpoint["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # other parts are skipped
     ours = CLIPTextEncoder(cfg).eval()
     ours.load_state_dict(openclip_to_hf(checkpoint, prefix), strict=True)
 
-    ids = make_ids(pad_id, seed=5)
+    ref = open_clip_oracle.outputs(cfg.num_heads, case)
     with torch.no_grad():
-        ref = oc.forward_intermediates(ids, indices=None, output_fmt="NLC")
-        ref_pooled = oc(ids)
-        out = ours(ids)
-    inter = ref["text_intermediates"]
-    assert len(inter) == cfg.num_layers
-    for i, layer_out in enumerate(inter, start=1):
-        assert rel_err(out.hidden_states[i], layer_out) <= TOL, f"layer {i}"
-    assert rel_err(out.hidden_states[-1], inter[-1]) <= TOL  # last hidden, before ln_final
-    assert rel_err(out.hidden_states[-2], inter[-2]) <= TOL  # SDXL's context layer
-    assert rel_err(out.last_hidden_state, oc.ln_final(inter[-1])) <= TOL
-    assert rel_err(out.pooled, ref["text_features"]) <= TOL
-    assert rel_err(out.pooled, ref_pooled) <= TOL
+        out = ours(open_clip_oracle.token_ids(case))
+    for i in range(1, cfg.num_layers + 1):
+        assert rel_err(out.hidden_states[i], ref[f"hidden.{i}"]) <= TOL, f"layer {i}"
+    assert rel_err(out.hidden_states[-2], ref[f"hidden.{cfg.num_layers - 1}"]) <= TOL  # SDXL's context layer
+    assert rel_err(out.last_hidden_state, ref["final"]) <= TOL
+    assert rel_err(out.pooled, ref["pooled"]) <= TOL
 
 
 def test_openclip_keys_round_trip_exact():
     cfg = CLIPTextConfig.preset("tiny-bigg")
-    oc = make_open_clip_text(cfg)
-    randomize_(oc, seed=6)
-    sd = oc.state_dict()
+    sd = open_clip_oracle.tower_state_dict()
     hf = openclip_to_hf(sd)
     # Views, not copies: usable on memory-mapped checkpoints.
     q = hf["text_model.encoder.layers.0.self_attn.q_proj.weight"]

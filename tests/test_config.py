@@ -10,15 +10,16 @@ import yaml
 
 import trainer.__main__ as cli
 from data.config import DataConfig, SubsetConfig
+from models.lora.options import LoRAOptions
 from trainer.config import (
     Config,
     ConfigError,
-    LoRAConfig,
     ModelConfig,
     OptimConfig,
     OutputConfig,
     SampleConfig,
     TrainConfig,
+    ValidationConfig,
     load_config,
     save_config,
 )
@@ -58,7 +59,9 @@ def _load(*overrides, path=None):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_validate(path):
     assert CONFIGS, "configs/ has no YAML files"
-    overrides = [] if path.name == "quickstart.yaml" else [f"data.path={DATA}"]  # placeholders elsewhere
+    # Placeholder data paths elsewhere: point the (first) source at the example images.
+    subsets = bool((yaml.safe_load(path.read_text()).get("data") or {}).get("subsets"))
+    overrides = [] if path.name == "quickstart.yaml" else [f"data.{'subsets.0.' if subsets else ''}path={DATA}"]
     cfg = load_config(path, overrides)
     assert isinstance(cfg, Config)
     head = path.read_text().splitlines()[:12]
@@ -80,8 +83,9 @@ def test_sdxl_config_matches_the_recipe():
 
 def test_readme_documents_every_key():
     text = (ROOT / "configs" / "README.md").read_text()
-    sections = {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "data.subsets[]": SubsetConfig,
-                "train": TrainConfig, "optim": OptimConfig, "output": OutputConfig, "sample": SampleConfig}
+    sections = {"model": ModelConfig, "lora": LoRAOptions, "data": DataConfig, "data.subsets[]": SubsetConfig,
+                "train": TrainConfig, "optim": OptimConfig, "output": OutputConfig, "sample": SampleConfig,
+                "validation": ValidationConfig}
     missing = [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)
                if f"`{s}.{f.name}`" not in text]
     assert not missing, f"configs/README.md does not document {missing}"
@@ -94,7 +98,7 @@ def test_every_section_field_has_a_docstring():
 
     import trainer.config as module
 
-    for cls in (ModelConfig, LoRAConfig, TrainConfig, OptimConfig, OutputConfig, SampleConfig):
+    for cls in (ModelConfig, LoRAOptions, TrainConfig, OptimConfig, OutputConfig, SampleConfig, ValidationConfig):
         body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
         documented = {node.target.id for node, nxt in itertools.pairwise(body)
                       if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)}
@@ -118,6 +122,19 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_old_guidance_key_is_read_with_one_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text(f"data:\n  path: {DATA}\nsample:\n  cfg: 4.5\n")
+    with caplog.at_level("WARNING", logger="trainer"):
+        cfg = load_config(old)
+    assert cfg.sample.guidance_scale == 4.5
+    (record,) = [r for r in caplog.records if "sample.cfg" in r.getMessage()]
+    assert "sample.guidance_scale" in record.getMessage() and "\n" not in record.getMessage()
+    assert _load("sample.cfg=2").sample.guidance_scale == 2  # overrides too
+    with pytest.raises(ConfigError, match=r"sample\.cfg: renamed to sample\.guidance_scale; give only"):
+        _load("sample.cfg=2", "sample.guidance_scale=3")
 
 
 # ---- rejected configs -----------------------------------------------------------------------------
@@ -233,5 +250,5 @@ def test_cli_dispatch_errors(capsys):
 
 
 def test_type_hints_resolve():
-    for cls in (Config, ModelConfig, LoRAConfig, TrainConfig, OptimConfig, OutputConfig, SampleConfig):
+    for cls in (Config, ModelConfig, LoRAOptions, TrainConfig, OptimConfig, OutputConfig, SampleConfig):
         typing.get_type_hints(cls)

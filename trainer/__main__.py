@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.__main__", "train a LoRA from a YAML config (the default subcommand)"),
     "generate": ("trainer.cli.generate", "generate images with a base model and optional LoRAs"),
     "convert": ("trainer.cli.convert", "convert checkpoints and LoRA files between formats"),
     "lora": ("trainer.cli.lora", "inspect, merge or resize LoRA files"),
-    "bench": ("trainer.bench.train", "measure training / sampling throughput"),
+    "bench": ("trainer.bench.cli", "benchmarks: train | sample | load | data | unet | memory | ... sections"),
 }
 
 # Exceptions that mean "the input is wrong" (exit 2, no traceback): (module, class name). They are
@@ -77,6 +79,33 @@ def run(args: argparse.Namespace) -> int:
     return recipe.run().exit_code
 
 
+# ---- our sibling packages ------------------------------------------------------------------------
+_SIBLINGS = ("models", "data")
+"""Top-level packages installed beside `trainer`. Their names are generic, so a user's
+`models.py` or `data/` in the working directory (first on sys.path) can shadow them."""
+
+
+def shadowed_packages() -> list[str]:
+    """One message per sibling package that would not be imported from beside `trainer`."""
+    home = Path(__file__).resolve().parent.parent
+    problems = []
+    for name in _SIBLINGS:
+        try:
+            spec = importlib.util.find_spec(name)  # locates the package without running it
+        except (ImportError, ValueError):
+            spec = None
+        ours = home / name
+        if spec is None:
+            problems.append(f"lorasmith's `{name}` package is missing (expected {ours}); reinstall lorasmith")
+            continue
+        locations = list(spec.submodule_search_locations or [])
+        found = Path(spec.origin) if spec.origin else Path(locations[0]) if locations else None
+        if found is None or found.resolve() != ours / "__init__.py":
+            problems.append(f"`{name}` would be imported from {found}, which shadows lorasmith's `{name}` package "
+                            f"({ours}); rename {found} or run from another directory")
+    return problems
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 def _top_level_help() -> str:
     lines = ["usage: python -m trainer [SUBCOMMAND] [-h] [--debug] ...", "", "subcommands:"]
@@ -90,6 +119,10 @@ def _top_level_help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    problems = shadowed_packages()  # before anything imports them
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
+        return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -108,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: the `{name}` subcommand is not available in this installation", file=sys.stderr)
         return 2
+    dispatch = getattr(module, "dispatch", None)  # subcommands whose sections have their own options
+    if dispatch is not None:
+        code = dispatch(argv)
+        if code is not None:
+            return code
     parser = argparse.ArgumentParser(prog=f"python -m trainer {name}", description=description)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     module.add_arguments(parser)

@@ -42,8 +42,8 @@ def render_samples(bundle, network, sample_cfg, *, size: int, device: torch.devi
     try:
         with autocast or nullcontext():
             images = pipe(list(sample_cfg.prompts), negative_prompt=sample_cfg.negative_prompt,
-                          steps=sample_cfg.steps, cfg=sample_cfg.cfg, seed=sample_cfg.seed, width=size,
-                          height=size, progress=False)
+                          steps=sample_cfg.steps, guidance_scale=sample_cfg.guidance_scale, seed=sample_cfg.seed,
+                          width=size, height=size, progress=False)
     finally:
         network.train()
         for part, home in zip(parts, homes):
