@@ -1,11 +1,13 @@
 """Latent and text-encoder output caches (on disk as safetensors, or in memory).
 
 Latent cache key = hash(image file bytes, model_id, bucket, resize size, crop corner, background
-colour, flip variant, pipeline version): a changed image, resolution/bucket or model gives a new key,
+colour, flip variant, loss-mask source and bytes, pipeline version): a changed image, resolution/bucket or model gives a new key,
 so a stale entry is never read (old files simply stay unused). The cache always encodes the
 *center* crop; random crops are refused (`check_latent_cache_allowed`) because one cached latent
 cannot represent a new crop each epoch. With flips on, each entry also holds the latent of the
-mirrored image (encoded separately: a flipped latent is not the latent of the flipped image).
+mirrored image (encoded separately: a flipped latent is not the latent of the flipped image). With
+loss masks on, each entry also holds the mask on the latent grid ("mask", (1, h, w), area-averaged
+from the pixel mask); the flipped variant's mask is its mirror image, made when read.
 
 Text cache key = hash(caption text, model_id). It is only valid when a caption always maps to the
 same text and the text encoders are frozen (`check_text_cache_allowed`); whole-caption dropout is
@@ -13,6 +15,10 @@ fine (the empty caption is cached too).
 
 Files are written to a temporary name and moved into place with os.replace, so an interrupted
 build leaves only complete entries and the next build resumes where it stopped.
+
+In-memory caches (no cache_dir) are sized before anything is encoded: `estimate_memory_cache`
+adds up every entry from the scan (bucket sizes, flips, unique captions) and the model's shapes
+(`CacheShapes.of`), and `check_memory_cache` refuses when that exceeds a share of MemAvailable.
 """
 from __future__ import annotations
 
@@ -20,14 +26,16 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from models.checkpoints.safetensors_io import save_file
 from tqdm.auto import tqdm
 
 from .errors import CacheError
@@ -93,16 +101,8 @@ class _Store:
             self.memory[key] = tensors
             return
         final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # Atomic, without fsync: a cache entry can always be computed again.
+        save_file(tensors, final, metadata=metadata, durable=False)
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
         """Stored tensors as float32."""
@@ -152,11 +152,15 @@ class LatentCache:
         self.model_id = model_id
         self.store = _Store(None if cache_dir is None else Path(cache_dir) / "latents", dtype)
 
-    def key(self, image_hash: str, crop, background, flip: bool) -> str:
-        """Entry key of an image (content hash) rendered with `crop` (a CropPlan)."""
-        return _digest({"v": PIPELINE_VERSION, "kind": "latent", "image": image_hash, "model": self.model_id,
-                        "size": list(crop.size), "bucket": list(crop.bucket), "resized": list(crop.resized),
-                        "crop": [crop.top, crop.left], "background": list(background), "flip": bool(flip)})
+    def key(self, image_hash: str, crop, background, flip: bool, mask: str | None = None) -> str:
+        """Entry key of an image (content hash) rendered with `crop` (a CropPlan); `mask`: what
+        identifies its loss mask (`ImageCaptionDataset.mask_identity`), None without masks."""
+        payload = {"v": PIPELINE_VERSION, "kind": "latent", "image": image_hash, "model": self.model_id,
+                   "size": list(crop.size), "bucket": list(crop.bucket), "resized": list(crop.resized),
+                   "crop": [crop.top, crop.left], "background": list(background), "flip": bool(flip)}
+        if mask is not None:  # keys of mask-free entries stay what they were
+            payload["mask"] = mask
+        return _digest(payload)
 
     def __contains__(self, key: str) -> bool:
         return key in self.store
@@ -174,7 +178,8 @@ class LatentCache:
                 dataset._warn_failed(rid, exc.reason)
                 return None
             flip = bool(dataset.subsets[dataset.records[rid].subset].flip)
-            return self.key(digest, dataset.cache_plan(rid), dataset.background, flip)
+            mask = dataset.mask_identity(rid) if hasattr(dataset, "mask_identity") else None
+            return self.key(digest, dataset.cache_plan(rid), dataset.background, flip, mask)
 
         with ThreadPoolExecutor(threads or min(16, 4 * (os.cpu_count() or 1))) as pool:
             return list(pool.map(one, range(len(dataset.records))))
@@ -206,20 +211,25 @@ class LatentCache:
             batches.append(current)
 
         def load(batch):
-            pixels, ok = [], []
+            pixels, masks, ok = [], [], []
             for rid in batch:
                 try:
-                    pixels.append(dataset.load_pixels(rid, dataset.cache_plan(rid)))
+                    if hasattr(dataset, "load_pixels_and_mask"):
+                        px, mask = dataset.load_pixels_and_mask(rid, dataset.cache_plan(rid))
+                    else:
+                        px, mask = dataset.load_pixels(rid, dataset.cache_plan(rid)), None
+                    pixels.append(px)
+                    masks.append(mask)
                     ok.append(rid)
                 except ImageLoadError as exc:
                     dataset._warn_failed(rid, exc.reason)
-            return ok, pixels
+            return ok, pixels, masks
 
         bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo)
         with ThreadPoolExecutor(2) as pool, torch.no_grad():
             pending = [pool.submit(load, b) for b in batches[:2]]  # decode ahead of encoding
             for i in range(len(batches)):
-                ok, pixels = pending.pop(0).result()
+                ok, pixels, masks = pending.pop(0).result()
                 if i + 2 < len(batches):
                     pending.append(pool.submit(load, batches[i + 2]))
                 failed = set(batches[i]) - set(ok)
@@ -227,14 +237,14 @@ class LatentCache:
                     keys[rid] = None
                 stats["failed"] += len(failed)
                 if ok:
-                    self._encode(dataset, ok, torch.stack(pixels), keys, encode_fn, device, dtype)
+                    self._encode(dataset, ok, torch.stack(pixels), keys, encode_fn, device, dtype, masks)
                     stats["computed"] += len(ok)
                 bar.update(len(batches[i]))
         bar.close()
         dataset.attach_latent_cache(self, keys)
         return stats
 
-    def _encode(self, dataset, rids, pixels, keys, encode_fn, device, dtype) -> None:
+    def _encode(self, dataset, rids, pixels, keys, encode_fn, device, dtype, masks=None) -> None:
         def run(x):
             x = x.to(device=device or x.device, dtype=dtype or x.dtype)
             mean, std = _mean_std(encode_fn(x))
@@ -246,6 +256,10 @@ class LatentCache:
             mean_f, std_f = run(pixels.flip(-1))
         for j, rid in enumerate(rids):
             tensors = {"mean": mean[j], "std": std[j]}
+            if masks is not None and masks[j] is not None:
+                from .masks import to_latent_grid
+
+                tensors["mask"] = to_latent_grid(masks[j], tuple(mean.shape[-2:]))
             if flips[j]:
                 tensors.update(mean_flip=mean_f[j], std_flip=std_f[j])
             self.store.save(keys[rid], tensors, {"model_id": self.model_id, "image": dataset.records[rid].name})
@@ -307,6 +321,126 @@ class TextCache:
         stats = self.build_captions(dataset.cache_captions(), encode_fn, batch_size=batch_size, progress=progress)
         dataset.attach_text_cache(self)
         return stats
+
+
+# ---- sizing in-memory caches ----------------------------------------------------------------------
+# Measured cost of one in-memory tensor beyond its data (torch tensor + storage objects, allocator
+# rounding, its dict slot) and of one entry (key string, dict): `python -m trainer.bench.cache_memory`.
+TENSOR_OVERHEAD = 500
+ENTRY_OVERHEAD = 450
+
+
+@dataclass(frozen=True)
+class CacheShapes:
+    """What one cache entry holds, from the model: a latent is `latent_channels` x (H / downsample)
+    x (W / downsample) for an H x W image (mean and std are stored); one caption's entry holds the
+    tensors of `text`, e.g. {"context": (77, 2048), "pooled": (1280,)} for SDXL."""
+
+    latent_channels: int
+    downsample: int
+    text: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, bundle) -> CacheShapes:
+        """Shapes of `bundle` (a ModelBundle): VAE latent channels and downsampling factor; context
+        = tokenizer length x the denoiser's cross-attention width; a pooled vector per text
+        encoder with a projection (it is what the projection produces)."""
+        vae = bundle.vae.config
+        text = {"context": (bundle.tokenizers[0].max_length, bundle.denoiser.config.context_dim)}
+        pooled = sum(getattr(te.config, "projection_dim", None) or 0 for te in bundle.text_encoders)
+        if pooled:
+            text["pooled"] = (pooled,)
+        return cls(vae.z_channels, vae.downsample_factor, text)
+
+
+@dataclass
+class CacheEstimate:
+    """Bytes the in-memory caches will take (data + measured per-tensor overheads)."""
+
+    latent_bytes: int = 0
+    text_bytes: int = 0
+    images: int = 0
+    captions: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.latent_bytes + self.text_bytes
+
+    def describe(self) -> str:
+        parts = []
+        if self.images:
+            parts.append(f"latents {_size(self.latent_bytes)} for {self.images} images "
+                         f"({_size(self.latent_bytes / self.images)} each)")
+        if self.captions:
+            parts.append(f"text {_size(self.text_bytes)} for {self.captions} captions "
+                         f"({_size(self.text_bytes / self.captions)} each)")
+        return f"in-memory caches (no data.cache_dir): about {_size(self.total)}: " + ", ".join(parts)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def estimate_memory_cache(dataset, shapes: CacheShapes, *, latents: bool, text: bool,
+                          dtype: str = "float32") -> CacheEstimate:
+    """Bytes of the in-memory caches for `dataset` (after its scan), without encoding anything.
+
+    Latents: per image, mean and std of C x (h / f) x (w / f) at its bucket size (w, h), twice with
+    flips; text: per unique caption (`cache_captions`), the `shapes.text` tensors. `dtype` is the
+    storage dtype name (`data.cache_dtype`)."""
+    itemsize = DTYPES[dtype].itemsize
+    est = CacheEstimate()
+    if latents:
+        f = shapes.downsample
+        for rid in range(len(dataset.records)):
+            w, h = dataset.bucket_sizes[dataset.record_bucket[rid]]
+            variants = 2 if dataset.subsets[dataset.records[rid].subset].flip else 1
+            one = shapes.latent_channels * (h // f) * (w // f) * itemsize + TENSOR_OVERHEAD
+            mask = (h // f) * (w // f) * itemsize + TENSOR_OVERHEAD if getattr(dataset, "masks", None) else 0
+            est.latent_bytes += 2 * variants * one + mask + ENTRY_OVERHEAD
+        est.images = len(dataset.records)
+    if text:
+        est.captions = len(dataset.cache_captions())
+        per = sum(_numel(s) * itemsize + TENSOR_OVERHEAD for s in shapes.text.values()) + ENTRY_OVERHEAD
+        est.text_bytes = est.captions * per
+    return est
+
+
+def available_memory(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None:
+    """MemAvailable in bytes (what can be allocated without swapping), or None where unknown."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory_cache(estimate: CacheEstimate, *, limit: float | None, processes: int = 1,
+                       available: int | None = None) -> None:
+    """CacheError when `processes` copies of the in-memory caches (each process holds its own)
+    need more than `limit` (data.cache_memory_limit) times the available memory. `available`
+    defaults to MemAvailable; no check where it is unknown or `limit` is None."""
+    available = available_memory() if available is None else available
+    need = estimate.total * processes
+    if limit is None or available is None or need <= limit * available:
+        return
+    copies = f" x {processes} processes" if processes > 1 else ""
+    raise CacheError(
+        f"{estimate.describe()}{copies}, more than data.cache_memory_limit={limit:g} of the {_size(available)} "
+        "available; set data.cache_dir to a folder to keep the caches on disk (data.cache_dtype=float16 halves "
+        "them), or raise data.cache_memory_limit (null = no limit)")
 
 
 def build_caches(dataset, *, latent_encode: Callable | None = None, latent_model_id: str | None = None,

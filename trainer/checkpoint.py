@@ -3,6 +3,8 @@
 A checkpoint is a directory `<run>/checkpoints/step-00000120/` holding
 
     adapter.safetensors   trainable (LoRA) tensors in their training dtype (fp32), internal names
+    <extra>.safetensors   further named tensor sets: `ema` (EMA of the adapters), `train_weights`
+                          (schedule-free: the training point y, while adapter holds the average x)
     optimizer.pt          optimizer.state_dict()
     scheduler.pt          lr scheduler state_dict()
     scaler.pt             fp16 grad scaler state_dict() (only with mixed_precision=fp16)
@@ -14,7 +16,8 @@ It is written into a hidden `.tmp-step-...` directory first, flushed to disk and
 place, so a crash (or power loss) mid-save never leaves a directory that `latest` could pick; a
 failed write (disk full, read-only) removes the hidden directory and raises CheckpointWriteError.
 Only the newest `keep_last` complete checkpoints are kept. Loading reads safetensors, JSON and
-weights-only pickles: a file holding anything else is refused, never unpickled.
+weights-only pickles: a file holding anything else is refused, never unpickled; LoRA weights or
+optimizer state holding NaN/inf are refused too (a resumed run would only produce NaN).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from models.checkpoints.fileio import atomic_file, fsync_dir
 
 _NAME = re.compile(r"^step-(\d+)$")
 _META = "meta.json"
@@ -95,6 +100,8 @@ class Checkpoint:
     scaler: dict | None
     rng: dict | None
     trainer_state: dict
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Tensor sets saved with `save(tensors=...)`, by name (e.g. "ema")."""
 
 
 def layout_mismatch(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
@@ -107,19 +114,26 @@ def layout_mismatch(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
             f"e.g. {(missing or unexpected or reshaped)[0]}")
 
 
+def _tensors_in(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts/lists (an optimizer state_dict), by dotted path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    found: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        found.update(_tensors_in(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush a file's (or a directory's entries') data to the disk. A checkpoint is committed by
+    renaming its whole folder, so its files are written in place and flushed one by one."""
+    fsync_dir(path)  # os.fsync works on a file's descriptor as on a folder's
 
 
 class CheckpointManager:
@@ -200,8 +214,10 @@ class CheckpointManager:
         scaler: Any = None,
         trainer_state: dict | None = None,
         meta: dict | None = None,
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
-        """Write the checkpoint for `step` atomically; call on every process. Returns its path."""
+        """Write the checkpoint for `step` atomically; call on every process. Returns its path.
+        `tensors`: further named tensor sets, each written as `<name>.safetensors`."""
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         try:
@@ -216,7 +232,7 @@ class CheckpointManager:
                 _atomic_torch_save(capture_rng(), tmp / f"rng-{self.rank}.pt")
             self._barrier()
             if self.is_main and tmp.is_dir():
-                self._write(tmp, step, weights, optimizer, scheduler, scaler, trainer_state, meta)
+                self._write(tmp, step, weights, optimizer, scheduler, scaler, trainer_state, meta, tensors or {})
                 os.replace(tmp, final)
                 _fsync(self.root)
         except OSError as exc:
@@ -231,10 +247,13 @@ class CheckpointManager:
         return final
 
     @staticmethod
-    def _write(tmp: Path, step, weights, optimizer, scheduler, scaler, trainer_state, meta) -> None:
+    def _write(tmp: Path, step, weights, optimizer, scheduler, scaler, trainer_state, meta, extra) -> None:
         """Write every file of a checkpoint into `tmp` and flush them to the disk; meta.json last."""
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
-        save_file(tensors, str(tmp / "adapter.safetensors"))
+        for name, sets in {"adapter": weights, **extra}.items():
+            if name == "adapter" and sets is not weights or not re.fullmatch(r"[a-z_]+", name):
+                raise ValueError(f"checkpoint tensor set name {name!r} is reserved or not [a-z_]+")
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sets.items()}
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
@@ -288,12 +307,29 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} is unusable: {name}: {reason}. {self._instead(path)}")
 
         weights = read("adapter.safetensors")
+        self._require_finite(path, "adapter.safetensors", weights)
+        extra = {}
+        for file in sorted(path.glob("*.safetensors")):
+            if file.name != "adapter.safetensors":
+                extra[file.stem] = read(file.name)
+                self._require_finite(path, file.name, extra[file.stem])
         optimizer = read("optimizer.pt")
+        self._require_finite(path, "optimizer.pt", _tensors_in(optimizer))
         scheduler = read("scheduler.pt", location="cpu")
         scaler = read("scaler.pt", optional=True, location="cpu")
         state = read("trainer_state.pt", location="cpu")
         rng = read(rng_file.name, optional=True, location="cpu")
-        return Checkpoint(path, int(state["step"]), weights, optimizer, scheduler, scaler, rng, state)
+        return Checkpoint(path, int(state["step"]), weights, optimizer, scheduler, scaler, rng, state, extra)
+
+    def _require_finite(self, path: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """CheckpointError naming the file and its first NaN/inf tensor (one fused reduction per tensor)."""
+        from models.checkpoints.safetensors_io import all_finite
+
+        bad = sorted(k for k, t in tensors.items() if not all_finite(t))
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise CheckpointError(f"checkpoint {path} is unusable: {name}: non-finite values (NaN/inf) in {bad[0]}"
+                                  f"{more}. {self._instead(path)}")
 
     @staticmethod
     def _instead(path: Path) -> str:

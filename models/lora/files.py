@@ -10,20 +10,24 @@ index uses, computed like kohya's `precalculate_safetensors_hashes`:
 file as serialised with only the `ss_*` metadata. Writes are atomic (temp file in the destination
 folder, fsync, rename).
 
+LoHa / LoKr networks are written in LyCORIS's kohya-style names (`.hada_w1_a` ... `.lokr_w2`, see
+`models.lora.lycoris`) with `ss_network_module` = `lycoris.kohya` and the algorithm in
+`ss_network_args`, as LyCORIS itself writes them.
+
 `load_lora(bundle, path)` accepts kohya files (SDXL UNet names in ldm or diffusers-underscored
 spelling, SD1.5/SD2 in either), diffusers/PEFT files (`unet.` / `text_encoder.` /
-`text_encoder_2.` + `.lora_A.weight` / `.lora_B.weight`, scale 1) and our own output. Every key
-must land on a module of the model: a key that does not is an error (or, with strict=False, a
-warning with the count), never a silent skip.
+`text_encoder_2.` + `.lora_A.weight` / `.lora_B.weight`, scale 1), LyCORIS files (LoCon with
+`lora_mid`, LoHa, LoKr in every w1/w2 form, `dora_scale` per input or per output channel, full
+`diff` / `diff_b`; see `models.lora.entries`) and our own output. Every key must land on a module
+of the model: a key that does not is an error (or, with strict=False, a warning with the count),
+never a silent skip.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -32,30 +36,38 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..bundle import FAMILIES
-from .network import LoRAConfig, LoRANetwork, LoRATarget
+from ..clip import CLIPTextConfig
+from ..families import FAMILIES, lineages
+from ..unet import UNetConfig
+from ..checkpoints.fileio import write_bytes
+from ..checkpoints.safetensors_io import SafetensorsError, read_tensors, all_finite, count_nonfinite
+from .entries import SUFFIX_PATTERN, LoRAModuleWeights, ModuleMismatch
+from .network import LoRANetwork, LoRATarget
+from .options import LoRAOptions
 from .names import LoRANameTable, ModuleRef, components_of, name_table
 
 __all__ = [
     "LoRAFileError",
     "LoRAModuleWeights",
     "build_metadata",
+    "explain_unknown",
     "guess_family",
     "load_lora",
     "lora_hashes",
+    "nonfinite_tensors",
     "parse_lora_tensors",
     "read_lora_file",
+    "require_finite",
     "save_network",
     "write_lora_file",
 ]
 
-_KOHYA_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
+_KOHYA_RE = re.compile(rf"^(lora_(?:unet|te|te1|te2)_\w+?)\.({SUFFIX_PATTERN})$")
 _PEFT_RE = re.compile(r"^((?:unet|text_encoder|text_encoder_2)\.[\w.]+?)\.(lora_A\.weight|lora_B\.weight|alpha)$")
-_UNSUPPORTED = ("hada_", "lokr_", "lora_mid", "oft_", "diff_b", ".diff", "lora_magnitude_vector", "reshape_weight")
-_ARCH = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512"}
-_BASE_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
-_FAMILY_WORDS = {"sdxl": "an SDXL", "sd15": "an SD1.x", "sd2": "an SD2.x", "sd1or2": "an SD1.x/SD2.x"}
-_CONTEXT_DIM = {2048: "sdxl", 768: "sd15", 1024: "sd2"}
+_UNSUPPORTED = ("oft_", "boft_", "lora_magnitude_vector", "reshape_weight", ".w_norm", ".b_norm", ".lokr_t1")
+"""Key parts of adapter kinds that are not read (OFT/BOFT, PEFT's DoRA magnitude, padded reshapes,
+norm-layer updates, LyCORIS's unused LoKr t1)."""
+_PEFT_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
 
 
 class LoRAFileError(ValueError):
@@ -77,32 +89,6 @@ def lora_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> t
     return model_hash, legacy_hash
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def write_lora_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """Write `tensors` + `metadata` (plus the two sshs_* hashes) atomically; returns the metadata."""
     for k, t in tensors.items():
@@ -111,7 +97,7 @@ def write_lora_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     metadata = {str(k): str(v) for k, v in metadata.items()}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = lora_hashes(tensors, metadata)
-    _atomic_write(Path(path), safetensors.torch.save(tensors, metadata))
+    write_bytes(Path(path), safetensors.torch.save(tensors, metadata))
     return metadata
 
 
@@ -121,11 +107,15 @@ def _fmt(x: float) -> str:
 
 def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict | None = None) -> dict[str, str]:
     """kohya `ss_*` + `modelspec.*` metadata for `network`; `extra` entries (any JSON-able values)
-    are added last and win. The sshs_* hashes are added by `write_lora_file`."""
+    are added last and win. The sshs_* hashes are added by `write_lora_file`.
+
+    Plain LoRA/LoCon: `ss_network_module` = `networks.lora` (kohya). LoHa, LoKr and Tucker cores:
+    `lycoris.kohya` with LyCORIS's network args (`algo` loha / lokr / locon, `factor`,
+    `decompose_both`, `use_tucker`, `conv_dim` / `conv_alpha`), as LyCORIS writes them."""
     spec = network.bundle.spec
     adapters = network.adapters()
     refs = network.refs()
-    is_conv = {n: a.lora_down.weight.dim() == 4 and a.lora_down.weight.shape[2:] != (1, 1) for n, a in adapters.items()}
+    is_conv = {n: len(a.weight_shape) == 4 and a.weight_shape[2:] != (1, 1) for n, a in adapters.items()}
     linear = [a for n, a in adapters.items() if not is_conv[n]]
     conv = [a for n, a in adapters.items() if is_conv[n]]
     common = lambda xs: Counter(xs).most_common(1)[0][0] if xs else None
@@ -141,27 +131,32 @@ def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict |
         args["module_dropout"] = _fmt(cfg.module_dropout)
     if any(a.is_dora for a in adapters.values()):
         args["dora_wd"] = "True"
-    pred = "v" if spec.prediction_type == "v_prediction" else "epsilon"
-    arch = _ARCH[spec.base]
-    if spec.base == "sd2" and pred == "v":
-        arch = "stable-diffusion-v2-768-v"
+    algos = Counter(a.algo for a in adapters.values())
+    tucker = any(a.tucker for a in adapters.values())
+    lycoris = set(algos) != {"lora"} or tucker
+    if lycoris:
+        algo = algos.most_common(1)[0][0]
+        args = {"algo": "locon" if algo == "lora" else algo, **args}
+        if "lokr" in algos:
+            args["factor"] = str(cfg.factor)
+            args["decompose_both"] = str(cfg.decompose_both)
+        args["use_tucker"] = str(tucker)
+    family_meta = spec.lora_metadata()
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": _fmt(alpha),
         "ss_network_args": json.dumps(args),
         "ss_network_dropout": _fmt(cfg.dropout),
-        "ss_base_model_version": _BASE_VERSION[spec.base],
-        "ss_v2": str(spec.base == "sd2"),
+        "ss_base_model_version": family_meta["ss_base_model_version"],
+        "ss_v2": family_meta["ss_v2"],
         "ss_training_comment": "",
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": (
-            "https://github.com/Stability-AI/generative-models" if spec.base == "sdxl" else "diffusers"
-        ),
+        "modelspec.architecture": family_meta["modelspec.architecture"],
+        "modelspec.implementation": family_meta["modelspec.implementation"],
         "modelspec.title": title or "lora",
-        "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
-        "modelspec.prediction_type": pred,
+        "modelspec.resolution": family_meta["modelspec.resolution"],
+        "modelspec.prediction_type": family_meta["modelspec.prediction_type"],
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "lorasmith.modules": json.dumps(dict(Counter(r.component for r in refs.values()))),
     }
@@ -186,84 +181,141 @@ def save_network(network: LoRANetwork, path, dtype=torch.float16, metadata: dict
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
-def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_lora_file(path, *, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of a `.safetensors` LoRA (a diffusers folder: its
     `pytorch_lora_weights.safetensors`). Raises LoRAFileError naming the file if it is missing,
-    truncated or not safetensors."""
+    truncated or not safetensors, or (`check_finite`) if any tensor holds NaN or inf."""
     p = Path(path)
     if p.is_dir():
         p = p / "pytorch_lora_weights.safetensors"
     if not p.is_file():
         raise LoRAFileError(f"LoRA file {p} does not exist")
     try:
-        with safetensors.safe_open(str(p), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types (SafetensorError, OSError, ...)
+        tensors, metadata = read_tensors(p)
+    except (SafetensorsError, OSError) as e:
         raise LoRAFileError(
             f"LoRA file {p} is not a readable .safetensors file ({e}); it may be truncated or corrupt - "
             "download or export it again"
         ) from None
+    if check_finite:
+        require_finite(tensors, str(p))
     return tensors, metadata
 
 
-class LoRAModuleWeights(dict):
-    """Tensors of one module in a file: keys `down`, `up`, optional `alpha` (float), `dora_scale`."""
+def _module_of(key: str) -> str:
+    m = _KOHYA_RE.match(key) or _PEFT_RE.match(key)
+    return m.group(1) if m else key
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names (sorted) of the tensors holding NaN or inf; one fused reduction per tensor."""
+    return sorted(k for k, t in tensors.items() if not all_finite(t))
+
+
+def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """LoRAFileError naming `source` and the first module affected when any tensor holds NaN or
+    inf: such a LoRA silently gives black or noise images."""
+    bad = nonfinite_tensors(tensors)
+    if not bad:
+        return
+    nan, inf = count_nonfinite(tensors[bad[0]])
+    modules = sorted({_module_of(k) for k in bad})
+    raise LoRAFileError(
+        f"{source}: non-finite values (NaN/inf) in {len(bad)} tensor(s) of {len(modules)} module(s), first "
+        f"{modules[0]} ({bad[0]}: {nan} NaN, {inf} inf); the LoRA is damaged (e.g. its training diverged) and "
+        "would give black or noise images - export it again from a good checkpoint"
+    )
 
 
 def parse_lora_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoRAModuleWeights], list[str]]:
-    """Group file tensors per module name (kohya name, or PEFT module path), with the keys that
-    are not LoRA weights of a known kind. PEFT down/up are lora_A/lora_B."""
+    """Group file tensors per module name (kohya name, or PEFT module path) by key suffix (PEFT
+    lora_A/lora_B become lora_down/lora_up), with the keys that form no complete adapter of a
+    known kind (`explain_unknown` says why)."""
     modules: dict[str, LoRAModuleWeights] = {}
     unknown = []
-    kinds = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
-             "alpha": "alpha", "dora_scale": "dora_scale"}
     for key, t in tensors.items():
         m = _KOHYA_RE.match(key) or _PEFT_RE.match(key)
         if m is None:
             unknown.append(key)
             continue
+        suffix = _suffix(m)
         entry = modules.setdefault(m.group(1), LoRAModuleWeights())
-        kind = kinds[m.group(2)]
-        entry[kind] = float(t.float().item()) if kind == "alpha" else t
+        entry[suffix] = float(t.float().item()) if suffix == "alpha" else t
     for name, entry in list(modules.items()):
-        if "down" not in entry or "up" not in entry:
+        if entry.problem():
             unknown.extend(f"{name}.{k}" for k in entry)
             del modules[name]
     return modules, sorted(unknown)
 
 
+def _suffix(match: re.Match) -> str:
+    """The kohya suffix of a matched key (PEFT lora_A/lora_B -> lora_down/lora_up)."""
+    suffix = match.group(2)
+    return _PEFT_SUFFIX.get(suffix, suffix) if match.re is _PEFT_RE else suffix
+
+
+def explain_unknown(unknown: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """One `<key or module> (<why>)` line per unread key of `parse_lora_tensors`, one per module
+    for incomplete or mixed adapters."""
+    lines, seen = [], set()
+    for key in unknown:
+        m = _KOHYA_RE.match(key) or _PEFT_RE.match(key)
+        if m is None or key not in tensors:
+            unsupported = any(part in key for part in _UNSUPPORTED)
+            lines.append(f"{key} ({'an adapter type this loader does not support' if unsupported else 'not a LoRA weight'})")
+            continue
+        if m.group(1) in seen:
+            continue
+        seen.add(m.group(1))
+        group = LoRAModuleWeights({_suffix(mm): v for k, v in tensors.items()
+                                   if (mm := _KOHYA_RE.match(k) or _PEFT_RE.match(k)) and mm.group(1) == m.group(1)})
+        lines.append(f"{m.group(1)} ({group.problem() or 'not a LoRA weight'})")
+    return lines
+
+
 def guess_family(modules: dict[str, dict], metadata: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """Best guess of the family a LoRA was trained for: (`sdxl` | `sd15` | `sd2` | `sd1or2` | None, reason)."""
+    """Best guess of the lineage a LoRA was trained for: (a family name, several lineages joined by
+    "/" when the keys fit more than one, or None; the reason). Our own exports record the exact
+    family; other files are matched against what each registered lineage declares (text-encoder
+    components, cross-attention width, text width, kohya `ss_base_model_version`)."""
     names = list(modules)
     recorded = (metadata or {}).get("lorasmith.family")
     if recorded:
         # Our own exports name the exact family, tiny test families included.
         return recorded, f"its metadata says lorasmith.family={recorded}"
-    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
-        return "sdxl", "it has two text encoders (lora_te1_/lora_te2_ keys)"
+    reps = [s for s in lineages().values() if s.name == s.base]  # full-size lineages only
+
+    def answer(specs, why):
+        return "/".join(s.base for s in specs), why
+
+    two_towers = [s for s in reps if len(s.lora_text_components) > 1]
+    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names) and two_towers:
+        return answer(two_towers, "it has two text encoders (lora_te1_/lora_te2_ keys)")
     for n, w in modules.items():
         if re.search(r"attn2[._]to_[kv]$", n):
-            width = w["down"].shape[1]
-            if width in _CONTEXT_DIM:
-                return _CONTEXT_DIM[width], f"its cross-attention reads {width}-wide text features"
+            width = w.in_width
+            fits = [s for s in reps if UNetConfig.preset(s.unet).context_dim == width]
+            if fits:
+                return answer(fits, f"its cross-attention reads {width}-wide text features")
             break
+    one_tower = [s for s in reps if len(s.lora_text_components) == 1]
     for n, w in modules.items():
         if re.search(r"mlp[._]fc1$", n) and n.startswith(("lora_te_", "text_encoder.")):
-            width = w["down"].shape[1]
-            return ({768: "sd15", 1024: "sd2"}.get(width, "sd1or2"), "it has one text encoder (lora_te_ keys)")
-    base = (metadata or {}).get("ss_base_model_version", "")  # kohya: sd_v1, sd_v2_512, sdxl_base_v1-0, ...
-    for prefix, family in (("sdxl", "sdxl"), ("sd_v1", "sd15"), ("sd_v2", "sd2")):
-        if base.startswith(prefix):
-            return family, f"its metadata says ss_base_model_version={base}"
+            width = w.in_width
+            fits = [s for s in one_tower if CLIPTextConfig.preset(s.text_encoders[0]).hidden_size == width]
+            return answer(fits or one_tower, "it has one text encoder (lora_te_ keys)")
+    version = (metadata or {}).get("ss_base_model_version", "")  # kohya: sd_v1, sd_v2_512, sdxl_base_v1-0, ...
+    for s in reps:
+        stem = "_".join(s.base_model_version.split("_")[:2])
+        if stem and version.startswith(stem):
+            return s.base, f"its metadata says ss_base_model_version={version}"
     return None, "no family-specific keys"
 
 
-def _expected_shapes(layer: torch.nn.Module, rank: int) -> tuple[tuple, tuple]:
-    w = layer.weight
-    if w.dim() == 4:
-        return (rank, w.shape[1], *w.shape[2:]), (w.shape[0], rank, 1, 1)
-    return (rank, w.shape[1]), (w.shape[0], rank)
+def _lineage_words(name: str) -> str:
+    """"an SDXL", "an SD1.5/SD2.x": the article and title(s) of a family or a "/"-joined lineage list."""
+    titles = [FAMILIES[n].title if n in FAMILIES else n for n in name.split("/")]
+    return "an " + "/".join(titles)
 
 
 def load_lora(bundle, path, strength: float = 1.0, strict: bool = True) -> LoRANetwork:
@@ -272,61 +324,52 @@ def load_lora(bundle, path, strength: float = 1.0, strict: bool = True) -> LoRAN
     Raises LoRAFileError for an unreadable file, a LoRA of another family, or (strict) keys that
     match no module / have the wrong shape; strict=False warns with the count and loads the rest.
     """
-    tensors, metadata = read_lora_file(path)
-    net = network_from_tensors(bundle, tensors, metadata, source=str(path), strength=strength, strict=strict)
+    tensors, metadata = read_lora_file(path)  # checks finiteness
+    net = network_from_tensors(bundle, tensors, metadata, source=str(path), strength=strength, strict=strict,
+                               check_finite=False)
     return net
 
 
 def network_from_tensors(bundle, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *,
-                         source: str = "<state dict>", strength: float = 1.0, strict: bool = True) -> LoRANetwork:
-    """`load_lora` for tensors already in memory."""
+                         source: str = "<state dict>", strength: float = 1.0, strict: bool = True,
+                         check_finite: bool = True) -> LoRANetwork:
+    """`load_lora` for tensors already in memory (`check_finite`: refuse NaN/inf, see `require_finite`)."""
+    if check_finite:
+        require_finite(tensors, source)
     metadata = dict(metadata or {})
     modules, unknown = parse_lora_tensors(tensors)
-    unsupported = [k for k in unknown if any(s in k for s in _UNSUPPORTED)]
-    if unsupported:
-        raise LoRAFileError(
-            f"{source}: holds {len(unsupported)} tensors of an adapter type this loader does not support "
-            f"(LoHa/LoKr/Tucker mid/OFT/PEFT-DoRA), e.g. {unsupported[:3]}; only plain LoRA/LoCon (+ kohya DoRA) loads"
-        )
     if not modules:
         raise LoRAFileError(
-            f"{source}: no LoRA weights found (expected kohya `*.lora_down.weight`/`*.lora_up.weight` or PEFT "
-            f"`*.lora_A.weight`/`*.lora_B.weight` keys; first keys: {list(tensors)[:5]})"
+            f"{source}: no LoRA weights found (expected kohya `*.lora_down.weight`/`*.lora_up.weight`, LyCORIS "
+            f"`*.hada_w1_a`/`*.lokr_w1`/`*.diff` or PEFT `*.lora_A.weight`/`*.lora_B.weight` keys; "
+            f"{'; '.join(explain_unknown(unknown, tensors)[:3])})"
         )
     family, why = guess_family(modules, metadata)
     base = bundle.spec.base
     if family in FAMILIES:
         family = FAMILIES[family].base
-    if family is not None and family != base and not (family == "sd1or2" and base in ("sd15", "sd2")):
+    if family is not None and base not in family.split("/"):
+        words = _lineage_words(family)
         raise LoRAFileError(
-            f"{source} is {_FAMILY_WORDS[family]} LoRA ({why}) but the model is {bundle.family!r}; "
-            f"load it on {_FAMILY_WORDS[family]} model or pick a LoRA made for {bundle.family}"
+            f"{source} is {words} LoRA ({why}) but the model is {bundle.family!r}; "
+            f"load it on {words} model or pick a LoRA made for {bundle.family}"
         )
     table: LoRANameTable = name_table(bundle)
     parts = components_of(bundle)
-    targets, weights, bad = [], {}, [f"{k} (not a LoRA weight)" for k in unknown]
+    targets, weights, bad = [], {}, explain_unknown(unknown, tensors)
     for name, w in modules.items():
         ref: ModuleRef | None = table.from_kohya(name) if name.startswith("lora_") else table.from_peft(name)
         if ref is None:
             bad.append(f"{name} (no such module)")
             continue
         layer = parts[ref.component].get_submodule(ref.path)
-        rank = w["down"].shape[0]
-        want_down, want_up = _expected_shapes(layer, rank)
-        down, up = w["down"], w["up"]
-        if down.dim() == 2 and len(want_down) == 4 and want_down[2:] == (1, 1):  # 2-D LoRA on a 1x1 conv
-            down, up = down[:, :, None, None], up[:, :, None, None]
-        if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
-            bad.append(f"{name} (shapes down {list(down.shape)} up {list(up.shape)}, the model needs "
-                       f"{list(want_down)} {list(want_up)})")
+        try:
+            fields = w.target_fields(tuple(layer.weight.shape), layer.bias is not None)
+        except ModuleMismatch as exc:
+            bad.append(f"{name} ({exc})")
             continue
-        dora = w.get("dora_scale")
-        if dora is not None and dora.numel() != layer.weight.shape[1]:
-            bad.append(f"{name} (dora_scale of {dora.numel()} values, the model needs {layer.weight.shape[1]})")
-            continue
-        alpha = w.get("alpha", float(rank))  # absent alpha = scale 1, as in ComfyUI
-        targets.append(LoRATarget(ref, rank, alpha, dora is not None))
-        weights[ref.kohya] = (down, up, dora)
+        targets.append(LoRATarget(ref, **fields))
+        weights[ref.kohya] = w
     if bad:
         listing = "; ".join(bad[:12]) + (f"; ... and {len(bad) - 12} more" if len(bad) > 12 else "")
         msg = f"{source}: {len(bad)} LoRA key(s)/module(s) do not match the {bundle.family} model: {listing}"
@@ -334,25 +377,24 @@ def network_from_tensors(bundle, tensors: dict[str, torch.Tensor], metadata: dic
             raise LoRAFileError(msg + ". Check that the LoRA is for this model family; strict=False loads the rest")
         warnings.warn(msg + f". Loaded the other {len(targets)} modules (strict=False).", stacklevel=3)
     net = LoRANetwork(bundle, targets, _config_of(targets, metadata))
-    with torch.no_grad():
-        for name, adapter in net.adapters().items():
-            down, up, dora = weights[name]
-            adapter.lora_down.weight.copy_(down)
-            adapter.lora_up.weight.copy_(up)
-            if dora is not None:
-                adapter.dora_scale.copy_(dora.reshape(adapter.dora_scale.shape))
+    for name, adapter in net.adapters().items():
+        adapter.load_file_tensors(weights[name])
     net.multiplier = strength
     net.file_metadata = metadata
     return net
 
 
-def _config_of(targets: list[LoRATarget], metadata: dict[str, str]) -> LoRAConfig:
-    """A LoRAConfig describing loaded adapters (for metadata on re-save)."""
+def _config_of(targets: list[LoRATarget], metadata: dict[str, str]) -> LoRAOptions:
+    """LoRAOptions describing loaded adapters (for metadata on re-save)."""
     ranks = Counter(t.rank for t in targets).most_common(1)[0][0]
     alphas = Counter(t.alpha for t in targets).most_common(1)[0][0]
     try:
         dropout = float(metadata.get("ss_network_dropout") or 0.0)
     except ValueError:
         dropout = 0.0
-    return LoRAConfig(rank=ranks, alpha=alphas, unet=None, text_encoders=None, dropout=dropout,
-                      dora=any(t.dora for t in targets))
+    algos = Counter(t.algo for t in targets if t.algo != "full").most_common(1)
+    algo = algos[0][0] if algos else "lora"
+    lokr = [t.layout for t in targets if t.layout is not None]
+    return LoRAOptions(rank=ranks, alpha=alphas, preset=None, text_encoders=None, dropout=dropout, algo=algo,
+                      dora=algo == "lora" and any(t.dora for t in targets), use_tucker=any(t.tucker for t in targets),
+                      decompose_both=any(layout.w1_rank is not None for layout in lokr))

@@ -5,14 +5,20 @@
         --out merged.safetensors [--dtype fp16]
     python -m trainer lora resize my_lora.safetensors --rank 8 --out my_lora_r8.safetensors
 
-inspect: family guess, per-block rank/alpha summary, metadata, hash check, and a check of every
-key against the family's model built on `meta` (no weights needed; exit 1 if keys do not match).
+inspect: family guess, per-block algorithm/rank/alpha summary, metadata, hash check, a check for
+NaN/inf values and a check of every key against the family's model built on `meta` (no weights
+needed); exit 1 if any value is non-finite or the keys do not match. LyCORIS files (LoCon with
+`lora_mid`, LoHa, LoKr, full `diff`) are read too.
 merge: loads the base checkpoint, folds each LoRA in at its strength (default 1) and writes a
 single-file checkpoint (ComfyUI / A1111 layout).
 resize: per module, the best rank-R approximation (truncated SVD) of the update
 (alpha / rank) * up @ down (3x3 convs flattened to out x in*9). The scale is folded into the
 weights and alpha is written equal to the new rank (scale 1), so any loader reproduces the
-truncated update exactly; `dora_scale` is carried over unchanged.
+truncated update exactly; `dora_scale` is carried over unchanged. LoHa, LoKr, Tucker LoCon and
+full-difference modules are converted the same way into a plain LoRA of the requested rank (their
+update computed as ComfyUI does; the family's model on `meta` gives the layer shapes the factors
+do not show, `--family` when it cannot be guessed). The retained energy ||D_r||^2 / ||D||^2 is
+printed per module.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import hashlib
 import json
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..config import DTYPE_NAMES, torch_dtype
@@ -56,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-rank", type=int, default=None, help="new rank of 3x3 conv modules (default: --rank)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="output dtype (default: the input's)")
+    p.add_argument("--family", default=None, help="family whose layer shapes LoHa/LoKr modules need "
+                                                  "(default: the guessed one)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
@@ -78,7 +86,7 @@ def inspect(args: argparse.Namespace) -> int:
     from models.lora.files import guess_family, parse_lora_tensors, read_lora_file
 
     path = Path(args.file)
-    tensors, metadata = read_lora_file(path)
+    tensors, metadata = read_lora_file(path, check_finite=False)  # reported below as a finding
     modules, unknown = parse_lora_tensors(tensors)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     size = path.stat().st_size if path.is_file() else 0
@@ -86,6 +94,8 @@ def inspect(args: argparse.Namespace) -> int:
     print(f"file: {path} ({size / 2**20:.2f} MiB, {len(tensors)} tensors, {', '.join(dtypes)})")
     print(f"format: {'kohya (ComfyUI / A1111 / diffusers names)' if kohya == len(modules) else 'diffusers/PEFT'}"
           f", {len(modules)} modules" + (f", {len(unknown)} other keys" if unknown else ""))
+    kinds = Counter(w.label() for w in modules.values())
+    print("algorithms: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
     family, why = guess_family(modules, metadata)
     print(f"family guess: {family or 'unknown'} ({why})")
     if any("dora_scale" in w for w in modules.values()):
@@ -95,13 +105,15 @@ def inspect(args: argparse.Namespace) -> int:
     for name, w in modules.items():
         m = _BLOCK.match(name)
         groups[m.group(1) if m else "other"].append(w)
-    print("modules per block: count, ranks, alphas (3x3 conv modules counted separately)")
+    print("modules per block: count, algorithms, ranks, alphas (3x3 conv modules counted separately when the "
+          "tensors show the kernel)")
     for block in sorted(groups, key=_block_order):
         ws = groups[block]
-        ranks = sorted({w["down"].shape[0] for w in ws})
-        alphas = sorted({w.get("alpha", float(w["down"].shape[0])) for w in ws})
-        convs = sum(1 for w in ws if w["down"].dim() == 4 and tuple(w["down"].shape[2:]) != (1, 1))
-        print(f"  {block:<28} {len(ws):>4}  rank {','.join(map(str, ranks)):<8} alpha "
+        algos = ",".join(sorted({w.label() for w in ws}))
+        ranks = sorted({str(w.rank) if w.rank is not None else "full" for w in ws})
+        alphas = sorted({w["alpha"] if "alpha" in w else float(w.rank or 1) for w in ws})
+        convs = sum(1 for w in ws if w.visible_kernel() not in (None, (1, 1)))
+        print(f"  {block:<28} {len(ws):>4}  {algos:<14} rank {','.join(ranks):<8} alpha "
               f"{','.join(f'{a:g}' for a in alphas):<8}" + (f" ({convs} conv 3x3)" if convs else ""))
 
     print("metadata:" if metadata else "metadata: none")
@@ -112,11 +124,31 @@ def inspect(args: argparse.Namespace) -> int:
         ok = _payload_hash(path) == metadata["sshs_model_hash"]
         print(f"sshs_model_hash: {'matches the tensor data' if ok else 'does NOT match the tensor data'}")
 
-    check = args.family or {"sd1or2": "sd15"}.get(family, family)
+    finite = _finite_check(tensors)
+    check = args.family or (family.split("/")[0] if family else None)
     if check is None:
         print("key check: skipped (family unknown; pass --family)")
+        return finite
+    return max(finite, _key_check(tensors, metadata, check, path))
+
+
+def _finite_check(tensors) -> int:
+    """Print whether every value is finite; 1 (a finding) when some are NaN/inf, else 0."""
+    from models.checkpoints.safetensors_io import count_nonfinite
+    from models.lora.files import nonfinite_tensors
+
+    bad = nonfinite_tensors(tensors)
+    if not bad:
+        print("values: all finite")
         return 0
-    return _key_check(tensors, metadata, check, path)
+    print(f"values: NOT FINITE in {len(bad)} of {len(tensors)} tensors - this LoRA gives black or noise images; "
+          "export it again from a good checkpoint")
+    for key in bad[:8]:
+        nan, inf = count_nonfinite(tensors[key])
+        print(f"  {key}: {nan} NaN, {inf} inf of {tensors[key].numel()}")
+    if len(bad) > 8:
+        print(f"  ... and {len(bad) - 8} more")
+    return 1
 
 
 def _block_order(block: str):
@@ -135,7 +167,7 @@ def _key_check(tensors, metadata, family: str, path: Path) -> int:
         return 2
     bundle = build_model(family, device="meta")
     try:
-        net = network_from_tensors(bundle, tensors, metadata, source=str(path))
+        net = network_from_tensors(bundle, tensors, metadata, source=str(path), check_finite=False)
     except LoRAFileError as e:
         print(f"key check against {family}: FAILED\n  {e}")
         return 1
@@ -171,8 +203,8 @@ def _out_problem(out: Path, force: bool) -> str | None:
 
 def merge(args: argparse.Namespace) -> int:
 
-    from models.checkpoints.loading import load_model
-    from models.lora.files import load_lora
+    from models.checkpoints.open import open_model
+    from models.lora.files import network_from_tensors, read_lora_file
     from models.checkpoints.single_file import save_single_file
 
     out = Path(args.out)
@@ -184,9 +216,12 @@ def merge(args: argparse.Namespace) -> int:
         if not Path(file).is_file():
             print(f"error: LoRA file {file} does not exist", file=sys.stderr)
             return 2
-    bundle = load_model(args.model, family=args.family)
-    for file, strength in loras:
-        net = load_lora(bundle, file, strength=strength)
+    # Every LoRA is read (and checked: readable, finite) before the base model loads.
+    files = [read_lora_file(file) for file, _ in loras]
+    bundle = open_model(args.model, family=args.family, dtype=None, labels=("--family", "--model", "--vae"))
+    for (file, strength), (tensors, metadata) in zip(loras, files):
+        net = network_from_tensors(bundle, tensors, metadata, source=str(file), strength=strength,
+                                   check_finite=False)
         net.merge(keep_original=False)
         net.remove(keep_merged=True)
         print(f"merged {file} at strength {strength:g} ({len(net.refs())} modules)")
@@ -197,77 +232,128 @@ def merge(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-def resize_tensors(tensors: dict, rank: int, conv_rank: int | None = None) -> tuple[dict, dict]:
-    """Rank-reduced copies of a kohya LoRA's tensors (float32) and a report.
+def resize_tensors(tensors: dict, rank: int, conv_rank: int | None = None,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict, dict]:
+    """Rank-reduced plain-LoRA copies of a LoRA's tensors (float32) and a report.
 
-    Each module's update D = (alpha / r) * up @ down is replaced by its best rank-r' approximation
-    U_r' S_r' V_r'^T with r' = min(requested, r): up = U sqrt(S), down = sqrt(S) V^T, alpha = r'.
-    Report: module -> (old rank, new rank, fraction of ||D||_F^2 kept).
+    Each module's update D (LoRA: (alpha / r) * up @ down; LoHa / LoKr / Tucker LoCon / full
+    difference: as ComfyUI computes it) is replaced by its best rank-r' approximation
+    U_r' S_r' V_r'^T (3x3 convs flattened to out x in*9): up = U sqrt(S), down = sqrt(S) V^T,
+    alpha = r', with r' = min(requested, r) for LoRA and min(requested, out, in*k) otherwise.
+    `shapes` (module name -> base weight shape) is needed for modules whose tensors do not show
+    the layer shape (every kind but plain LoRA and full differences).
+    Report: module -> (kind, old rank or None, new rank, fraction of ||D||_F^2 kept).
     """
     import torch
 
-    from models.lora.files import LoRAFileError, parse_lora_tensors
+    from models.lora.files import LoRAFileError, explain_unknown, parse_lora_tensors
 
     modules, unknown = parse_lora_tensors(tensors)
-    if unknown or any(not n.startswith("lora_") for n in modules):
-        raise LoRAFileError("resize works on kohya-format LoRA files (lora_down/lora_up/alpha keys); "
-                            f"unsupported keys: {(unknown or list(modules))[:3]}")
+    if unknown:
+        raise LoRAFileError("resize: keys that form no adapter: " + "; ".join(explain_unknown(unknown, tensors)[:3]))
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise ValueError(f"--rank / --conv-rank must be >= 1, got {rank} / {conv_rank}")
     out, report = {}, {}
     for name, w in modules.items():
-        down, up = w["down"].float(), w["up"].float()
-        r = down.shape[0]
-        is_conv = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
-        target = min(conv_rank or rank if is_conv else rank, r)
-        delta = (up.flatten(1) @ down.flatten(1)) * (w.get("alpha", float(r)) / r)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        if "diff_b" in w:
+            raise LoRAFileError(f"resize: {name} holds diff_b (a bias update), which a LoRA cannot express")
+        shape = file_weight_shape(w) or (shapes or {}).get(name)
+        if shape is None:
+            raise LoRAFileError(f"resize: {name} ({w.label()}) needs the layer shape of a model; pass --family")
+        delta, _ = w.delta(tuple(shape))
+        is_conv = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+        limit = w.rank if w.algo == "lora" else min(delta.shape[0], delta[0].numel())
+        target = min(conv_rank or rank if is_conv else rank, limit)
+        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
         root = s[:target].sqrt()
-        new_up = (u[:, :target] * root).reshape(up.shape[0], target, *up.shape[2:])
-        new_down = (root[:, None] * vh[:target]).reshape(target, *down.shape[1:])
-        out[f"{name}.lora_down.weight"] = new_down.contiguous()
-        out[f"{name}.lora_up.weight"] = new_up.contiguous()
+        ones = [1] * (len(shape) - 2)
+        out[f"{name}.lora_down.weight"] = (root[:, None] * vh[:target]).reshape(target, *shape[1:]).contiguous()
+        out[f"{name}.lora_up.weight"] = (u[:, :target] * root).reshape(shape[0], target, *ones).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(target))
         if "dora_scale" in w:
             out[f"{name}.dora_scale"] = w["dora_scale"].float()
         total = float(s.square().sum())
-        report[name] = (r, target, float(s[:target].square().sum()) / total if total > 0 else 1.0)
+        report[name] = (w.label(), w.rank, target, float(s[:target].square().sum()) / total if total > 0 else 1.0)
     return out, report
+
+
+def file_weight_shape(w) -> tuple[int, ...] | None:
+    """The base weight shape a plain LoRA (up, down) or full difference shows, else None."""
+    if w.algo == "lora" and not w.tucker:
+        up, down = w["lora_up.weight"], w["lora_down.weight"]
+        return (up.shape[0], *down.shape[1:])
+    if w.algo == "full":
+        return tuple(w["diff"].shape)
+    return None
+
+
+def _model_shapes(tensors: dict, metadata: dict, family: str | None) -> dict[str, tuple[int, ...]]:
+    """Module name -> base weight shape, from the family's model on meta (guessed when not given)."""
+    from models.bundle import FAMILIES, build_model
+    from models.lora.files import LoRAFileError, guess_family, parse_lora_tensors
+    from models.lora.names import components_of, name_table
+
+    modules, _ = parse_lora_tensors(tensors)
+    if family is None:
+        guess, why = guess_family(modules, metadata)
+        family = guess.split("/")[0] if guess else None
+        if family is None:
+            raise LoRAFileError(f"resize: cannot tell the model family ({why}); pass --family")
+    if family not in FAMILIES:
+        raise LoRAFileError(f"resize: unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    bundle = build_model(family, device="meta")
+    table, parts = name_table(bundle), components_of(bundle)
+    shapes = {}
+    for name in modules:
+        ref = table.from_kohya(name) if name.startswith("lora_") else table.from_peft(name)
+        if ref is not None:
+            shapes[name] = tuple(parts[ref.component].get_submodule(ref.path).weight.shape)
+    return shapes
 
 
 def resize(args: argparse.Namespace) -> int:
     import torch
 
-    from models.lora.files import read_lora_file, write_lora_file
+    from models.lora.files import parse_lora_tensors, read_lora_file, write_lora_file
 
     out = Path(args.out)
     if (problem := _out_problem(out, args.force)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     tensors, metadata = read_lora_file(args.file)
-    in_dtype = next((t.dtype for k, t in tensors.items() if k.endswith(".lora_down.weight")), torch.float32)
+    in_dtype = next((t.dtype for k, t in tensors.items() if not k.endswith(".alpha")), torch.float32)
     dtype = torch_dtype(args.dtype) if args.dtype else in_dtype
-    new, report = resize_tensors(tensors, args.rank, args.conv_rank)
+    modules, _ = parse_lora_tensors(tensors)
+    needs_model = any(file_weight_shape(w) is None for w in modules.values())
+    shapes = _model_shapes(tensors, metadata, args.family) if needs_model else None
+    new, report = resize_tensors(tensors, args.rank, args.conv_rank, shapes)
     new = {k: v.to(dtype) for k, v in new.items()}
     meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-    linear = [report[n][1] for n in report if _is_linear(new, n)]
-    conv = [report[n][1] for n in report if not _is_linear(new, n)]
+    linear = [report[n][2] for n in report if _is_linear(new, n)]
+    conv = [report[n][2] for n in report if not _is_linear(new, n)]
     meta["ss_network_dim"] = str(max(linear) if linear else max(conv))
     meta["ss_network_alpha"] = meta["ss_network_dim"]
     try:
         net_args = json.loads(meta.get("ss_network_args") or "{}")
     except json.JSONDecodeError:
         net_args = {}
+    for key in ("algo", "factor", "decompose_both", "use_tucker"):  # the result is a plain LoRA
+        net_args.pop(key, None)
     if conv:
         net_args["conv_dim"] = net_args["conv_alpha"] = str(max(conv))
     meta["ss_network_args"] = json.dumps(net_args)
-    old = sorted({r for r, _, _ in report.values()})
-    meta["lorasmith.resized_from"] = json.dumps({"ranks": old, "file": Path(args.file).name})
+    meta["ss_network_module"] = "networks.lora"
+    kinds = Counter(label for label, _, _, _ in report.values())
+    old = sorted({r for _, r, _, _ in report.values() if r is not None})
+    meta["lorasmith.resized_from"] = json.dumps({"ranks": old, "kinds": dict(kinds), "file": Path(args.file).name})
     write_lora_file(out, new, meta)
-    kept = [k for _, _, k in report.values()]
-    print(f"resized {len(report)} modules: rank {','.join(map(str, old))} -> {meta['ss_network_dim']}"
-          + (f" (conv {max(conv)})" if conv else ""))
-    print(f"update energy kept (||D_r||^2 / ||D||^2): mean {sum(kept) / len(kept):.4f}, min {min(kept):.4f}")
+    print("update energy kept per module (||D_r||^2 / ||D||^2):")
+    for name, (label, r, target, kept) in report.items():
+        print(f"  {name:<72} {label:<13} rank {r if r is not None else 'full':>4} -> {target:<4} {kept:.4f}")
+    kept = [k for _, _, _, k in report.values()]
+    print(f"resized {len(report)} modules ({', '.join(f'{k} {n}' for k, n in kinds.items())}): rank "
+          f"{','.join(map(str, old)) or 'full'} -> {meta['ss_network_dim']}" + (f" (conv {max(conv)})" if conv else ""))
+    print(f"update energy kept: mean {sum(kept) / len(kept):.4f}, min {min(kept):.4f}")
     print(f"wrote {out}")
     return 0
 
