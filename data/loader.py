@@ -1,6 +1,7 @@
 """Batching: collate, a resumable bucket loader around torch's DataLoader, and device prefetch.
 
-    loader = build_dataloader(dataset, batch_size=4, seed=0, num_workers=2, device="cuda")
+    loader = build_dataloader(dataset, batch_size=4, seed=0, num_workers=2, device="cuda",
+                              tokenize=TokenizeCaptions(bundle.tokenizers))   # optional token ids
     loader.load_state_dict(saved)                # optional resume
     for epoch in itertools.count(loader.epoch):
         loader.set_epoch(epoch)
@@ -10,14 +11,15 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.utils.data
 
 from .sampler import BucketBatchSampler
 
-_STACKED = ("pixels", "latent_mean", "latent_std", "context", "pooled")
+_STACKED = ("pixels", "latent_mean", "latent_std", "context", "pooled", "mask")
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
@@ -31,14 +33,31 @@ def _stack(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values, out=out)
 
 
-def collate_batch(samples: list[dict]) -> dict:
+class TokenizeCaptions:
+    """Captions -> token ids for each tokenizer: a list of (B, 77) int64 CPU tensors.
+
+    A picklable collate hook (`build_dataloader(tokenize=...)`): tokenizing in the DataLoader
+    (its workers, when there are any) puts the ids into pinned memory and through the device
+    prefetcher, instead of a blocking copy from pageable memory inside every training step.
+    """
+
+    def __init__(self, tokenizers: Iterable) -> None:
+        self.tokenizers = list(tokenizers)
+
+    def __call__(self, captions: list[str]) -> list[torch.Tensor]:
+        return [tok(list(captions)) for tok in self.tokenizers]
+
+
+def collate_batch(samples: list[dict], tokenize: Callable[[list[str]], list[torch.Tensor]] | None = None) -> dict:
     """Stack tensors of same-bucket samples; keep captions, sizes and names as lists.
 
     Returns pixels (B, 3, H, W) and/or latent_mean/latent_std (B, C, h, w), context (B, T, D),
     pooled (B, P) (None when the encoder has none), caption list[str], original_size /
     crop_top_left / target_size list[(int, int)], add_time_ids float32 (B, 6) = SDXL's
     (orig_h, orig_w, top, left, target_h, target_w), index LongTensor (B,), name list[str], and
-    `failed` list[(record, reason)] when a worker had to replace an undecodable image.
+    `failed` list[(record, reason)] when a worker had to replace an undecodable image; is_reg bool
+    (B,) (regularization images); mask (B, 1, H, W) or (B, 1, h, w) with loss masks on.
+    With `tokenize`, also token_ids = tokenize(captions): one (B, 77) int64 tensor per tokenizer.
     """
     if not samples:
         raise ValueError("collate_batch: empty batch")
@@ -61,8 +80,11 @@ def collate_batch(samples: list[dict]) -> dict:
     if failed:  # (record, reason) of images a worker could not decode; see BucketLoader.__iter__
         batch["failed"] = failed
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    batch["is_reg"] = torch.tensor([bool(s.get("is_reg", False)) for s in samples], dtype=torch.bool)
     batch["add_time_ids"] = torch.tensor(
         [[*s["original_size"], *s["crop_top_left"], *s["target_size"]] for s in samples], dtype=torch.float32)
+    if tokenize is not None:
+        batch["token_ids"] = list(tokenize(batch["caption"]))
     return batch
 
 
@@ -146,7 +168,8 @@ class BucketLoader:
 
     def __init__(self, dataset, sampler: BucketBatchSampler, *, num_workers: int = 0, pin_memory: bool | None = None,
                  persistent_workers: bool | None = None, prefetch_factor: int | None = None,
-                 device: str | torch.device | None = None, multiprocessing_context=None):
+                 device: str | torch.device | None = None, multiprocessing_context=None,
+                 tokenize: Callable[[list[str]], list[torch.Tensor]] | None = None):
         self.dataset, self.sampler = dataset, sampler
         self.device = torch.device(device) if device is not None else None
         if pin_memory is None:
@@ -156,8 +179,9 @@ class BucketLoader:
             kwargs.update(persistent_workers=True if persistent_workers is None else persistent_workers,
                           prefetch_factor=prefetch_factor or 2, worker_init_fn=_worker_init,
                           multiprocessing_context=multiprocessing_context)
+        collate = collate_batch if tokenize is None else functools.partial(collate_batch, tokenize=tokenize)
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                                  collate_fn=collate_batch, pin_memory=pin_memory, **kwargs)
+                                                  collate_fn=collate, pin_memory=pin_memory, **kwargs)
         self._consumed = 0
 
     @property
@@ -196,18 +220,21 @@ def build_dataloader(dataset, batch_size: int, *, seed: int = 0, shuffle: bool =
                      rank: int = 0, world_size: int = 1, uneven: str = "pad", num_workers: int | None = None,
                      pin_memory: bool | None = None, persistent_workers: bool | None = None,
                      prefetch_factor: int | None = None, device: str | torch.device | None = None,
-                     multiprocessing_context=None) -> BucketLoader:
+                     multiprocessing_context=None,
+                     tokenize: Callable[[list[str]], list[torch.Tensor]] | None = None) -> BucketLoader:
     """BucketLoader over `dataset` (an ImageCaptionDataset): same-bucket batches of `batch_size`.
 
     seed/shuffle/drop_last/rank/world_size/uneven: see BucketBatchSampler. num_workers defaults to
     the dataset's `config.num_workers` (0 when it has none). pin_memory defaults to
     True for CUDA devices; persistent_workers to True when num_workers > 0. device: move batches
-    there (overlapped with compute on CUDA).
+    there (overlapped with compute on CUDA). tokenize: picklable captions -> token-id tensors hook
+    (e.g. `TokenizeCaptions`) run at collate time; batches then carry `token_ids`.
     """
     if num_workers is None:
         num_workers = getattr(getattr(dataset, "config", None), "num_workers", 0)
     sampler = BucketBatchSampler(dataset.buckets, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                                 rank=rank, world_size=world_size, uneven=uneven)
+                                 rank=rank, world_size=world_size, uneven=uneven,
+                                 regularization=getattr(dataset, "regularization", None))
     return BucketLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, device=device,
-                        multiprocessing_context=multiprocessing_context)
+                        multiprocessing_context=multiprocessing_context, tokenize=tokenize)

@@ -144,6 +144,14 @@ class CLIPTokenizer:
         # Prompts repeat words constantly; caching BPE per piece makes tokenizing mostly dict hits.
         self._piece_ids = lru_cache(maxsize=1 << 16)(self._bpe_ids)
 
+    def __getstate__(self) -> dict:
+        # Picklable for DataLoader workers that tokenize: the BPE cache is rebuilt on unpickling.
+        return {k: v for k, v in self.__dict__.items() if k != "_piece_ids"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._piece_ids = lru_cache(maxsize=1 << 16)(self._bpe_ids)
+
     # ---- construction from Hugging Face tokenizer folders ---------------------------------
     @classmethod
     def from_files(

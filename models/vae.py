@@ -150,14 +150,21 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
-        h = self.norm(x)
+        # Token-major (B, H*W, C) projections: every fused CUDA attention kernel (flash,
+        # memory-efficient, cuDNN) needs q/k/v with a contiguous last dimension; channel-major
+        # views would send SDPA to its math kernel, which holds (H*W)^2 scores (1 GiB fp32 for
+        # the SDXL VAE at 1024 px).
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = (_pointwise(conv, tokens).unsqueeze(1) for conv in (self.q, self.k, self.v))  # (B, 1, N, C)
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        out = _pointwise(self.proj_out, out).transpose(1, 2).reshape(b, c, hgt, wid)
+        return x + out
 
-        def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1, H*W, C)
-            return t.reshape(b, 1, c, hgt * wid).transpose(2, 3)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
-        out = out.transpose(2, 3).reshape(b, c, hgt, wid)
-        return x + self.proj_out(out)
+def _pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to (B, N, C_in) tokens -> (B, N, C_out), contiguous."""
+    weight = conv.weight.to(tokens.dtype).flatten(1)
+    return F.linear(tokens, weight, None if conv.bias is None else conv.bias.to(tokens.dtype))
 
 
 class Downsample(nn.Module):

@@ -28,7 +28,6 @@ from trainer.schedule import NoiseSchedule
 FAST = ["data.num_workers=0", "data.cache_latents=true", "data.cache_text=true", "output.tensorboard=false",
         "train.log_every=1", "optim.warmup_steps=0", "train.batch_size=2"]
 
-torch.set_num_threads(1)  # tests run two at a time on two cores; more threads only contend
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
@@ -119,7 +118,7 @@ def _denoising_losses(cfg, lora: Path) -> dict[float, float]:
         for seed in range(4):
             noise, t = objective.sample(latents.shape[1:], range(len(latents)), seed=1000 + seed)
             noisy, target = objective.noisy_and_target(latents, noise, t)
-            pred = denoiser(noisy, t, context=context, pooled=pooled, time_ids=batch["add_time_ids"])
+            pred = denoiser(noisy, t, cond={"context": context, "pooled": pooled}, time_ids=batch["add_time_ids"])
             total += objective.loss(pred, target, t).item()
         losses[multiplier] = total / 4
     return losses
@@ -149,8 +148,8 @@ def test_bf16_text_encoder_training_with_validation_images(tmp_path, small_data)
 
 # ---- exact resume ---------------------------------------------------------------------------------------
 def test_interrupt_and_resume_equal_uninterrupted_run(tmp_path, small_data):
-    extra = ["train.max_steps=6", "train.save_every=0", "lora.dropout=0.1", "data.caption_dropout=0.3",
-             "train.noise_offset=0.05", "optim.scheduler=cosine"]
+    extra = ["train.max_steps=6", "train.save_every=0", "lora.dropout=0.1", "lora.module_dropout=0.2",
+             "data.caption_dropout=0.3", "train.noise_offset=0.05", "optim.scheduler=cosine"]
     full = LoRATrainingRecipe(_config(tmp_path / "a", small_data, *extra))
     full_summary = full.run()
     assert full_summary.completed and len(full_summary.losses) == 6
@@ -192,10 +191,14 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, small_data):
 
 
 # ---- data parallel ---------------------------------------------------------------------------------------
-def test_two_process_data_parallel_equals_single_process(tmp_path, small_data):
-    """2 gloo processes x batch 2 == 1 process accumulating the same 2 batches per step."""
+@pytest.mark.parametrize("text_encoders", [False, True], ids=["unet", "unet+text-encoders"])
+def test_two_process_data_parallel_equals_single_process(tmp_path, small_data, text_encoders):
+    """2 gloo processes x batch 2 == 1 process accumulating the same 2 batches per step, also when
+    the text encoders train (every adapter must get a gradient in every step, or DDP stops)."""
     common = [f"data.path={small_data}", "train.max_steps=3", "train.save_every=0", "train.device=cpu",
               "optim.warmup_steps=0", "train.batch_size=2", "data.num_workers=0", "output.tensorboard=false"]
+    if text_encoders:
+        common += ["train.train_text_encoders=true", "data.cache_text=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={tmp_path / 'ddp'}", *common]
     proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600, check=False)
@@ -208,6 +211,7 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, small_data):
     ddp = load_file(str(tmp_path / "ddp" / ckpt / "adapter.safetensors"))
     one = load_file(str(tmp_path / "one" / ckpt / "adapter.safetensors"))
     assert ddp.keys() == one.keys()
+    assert any(".te1." in k or "te1" in k for k in one) == text_encoders, sorted(one)[:3]
     for key in one:
         err = (ddp[key] - one[key]).norm() / one[key].norm().clamp(min=1e-12)
         assert err <= 1e-5, (key, float(err))
@@ -220,9 +224,9 @@ def test_nan_loss_stops_naming_the_step(tmp_path, small_data, monkeypatch, capsy
     real_loss = DiffusionObjective.loss
     calls = {"n": 0}
 
-    def poisoned(self, pred, target, timesteps):
+    def poisoned(self, pred, target, timesteps, **weights):
         calls["n"] += 1
-        loss = real_loss(self, pred, target, timesteps)
+        loss = real_loss(self, pred, target, timesteps, **weights)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(DiffusionObjective, "loss", poisoned)

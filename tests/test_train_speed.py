@@ -1,10 +1,12 @@
 """Training speed options (checkpointing granularity, channels-last, torch.compile) change the
 speed, not the result; and the optimizer step never waits for the device (no host sync)."""
 import traceback
+import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from training_runs import QUICKSTART, copy_quickstart_images
 
@@ -15,7 +17,6 @@ from trainer.recipe import LoRATrainingRecipe
 FAST = ["data.num_workers=0", "data.cache_latents=true", "data.cache_text=true", "output.tensorboard=false",
         "optim.warmup_steps=0", "train.batch_size=2", "train.save_every=0"]
 
-torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
@@ -99,6 +100,70 @@ class CountHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Tensors the data pipeline builds are pinned by the DataLoader on CUDA and copied by the prefetcher
+# without blocking; only tensors the step itself builds from Python data are suspects on the CPU.
+DATA_PIPELINE = ("torch/utils/data/", "data/loader.py")
+HOST_DATA = (torch.tensor, torch.as_tensor, torch.from_numpy)
+
+
+def _target(func, args, kwargs):
+    """(source, destination device) of a host->device transfer call, else None."""
+    if func is torch.Tensor.to:
+        device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+        return (args[0], device) if device is not None else None
+    if func is torch.Tensor.cuda:
+        return args[0], torch.device("cuda")
+    if func is torch.Tensor.copy_:
+        return (args[1], args[0].device) if isinstance(args[1], torch.Tensor) else None
+    if func is torch.as_tensor and isinstance(args[0], torch.Tensor) and kwargs.get("device") is not None:
+        return args[0], kwargs["device"]
+    return None
+
+
+class CountHostCopies(TorchFunctionMode):
+    """Records copies to a device from pageable (non-pinned) host memory, which block the host on
+    a GPU: `.to(device)`, `.cuda()`, `copy_` and `torch.tensor(data, device=...)`. On the CPU no
+    copy happens, so a tensor the step builds from Python data (outside the data pipeline) counts
+    when it is sent to a device, or built with an explicit device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+        self._built: dict[int, weakref.ref] = {}
+
+    def _record(self):
+        self.copies.append("".join(traceback.format_list(traceback.extract_stack()[-7:-2])))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in HOST_DATA and not (args and isinstance(args[0], torch.Tensor)):
+            if kwargs.get("device") is not None:
+                self._record()
+            elif not any(p in f.filename.replace("\\", "/") for f in traceback.extract_stack() for p in DATA_PIPELINE):
+                self._built[id(out)] = weakref.ref(out)
+            return out
+        moved = _target(func, args, kwargs)
+        if moved is not None:
+            src, device = moved
+            ref = self._built.get(id(src))
+            from_python = ref is not None and ref() is src
+            pageable = src.device.type == "cpu" and torch.device(device).type != "cpu" and not src.is_pinned()
+            if from_python or pageable:
+                self._record()
+        return out
+
+
+def test_copy_counter_sees_pageable_and_python_built_copies():
+    with CountHostCopies() as mode:
+        torch.tensor([1, 2]).to("cpu")  # built from Python data: a pageable copy on a GPU
+        torch.zeros(3).to("meta")  # a real copy from pageable memory to another device
+        torch.tensor([3], device="cpu")
+        torch.randn(3).to("cpu")  # a no-op move of a computed tensor: not counted
+        torch.zeros(2).copy_(torch.tensor([1.0, 2.0]))
+    assert len(mode.copies) == 4
+
+
 def test_counter_sees_host_reads():
     with CountHostReads() as mode:
         x = torch.randn(3)
@@ -123,10 +188,16 @@ def test_timestep_lookup_reads_nothing_off_the_cpu():
 
 @pytest.mark.parametrize("overrides", [[], ["train.min_snr_gamma=5", "train.noise_offset=0.05", "train.grad_accum=2",
                                             "train.mixed_precision=bf16", "lora.dropout=0.1",
-                                            "model.prediction_type=v_prediction"]],
-                         ids=["default", "snr-offset-accum-bf16-dropout-v"])
+                                            "model.prediction_type=v_prediction"],
+                                       ["data.cache_text=false", "train.train_text_encoders=true",
+                                        "lora.module_dropout=0.2"],
+                                       ["data.cache_text=false", "data.cache_latents=false"]],
+                         ids=["default", "snr-offset-accum-bf16-dropout-v", "text-encoders-module-dropout",
+                              "uncached"])
 def test_training_steps_never_read_device_values(tmp_path, small_data, overrides):
-    """Losses, gradient norms and the non-finite check stay on the device between log intervals."""
+    """Losses, gradient norms and the non-finite check stay on the device between log intervals,
+    and nothing is copied to the device from pageable host memory (token ids come pinned from
+    the data loader)."""
     cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={small_data}", *FAST, "train.max_steps=4",
                                    "train.log_every=4", *overrides])
     recipe = LoRATrainingRecipe(cfg)
@@ -134,12 +205,16 @@ def test_training_steps_never_read_device_values(tmp_path, small_data, overrides
     step = recipe._train_step
     reads = []
 
+    copies = []
+
     def counted_step(batches):
-        with CountHostReads() as mode:
+        with CountHostReads() as mode, CountHostCopies() as copy_mode:
             step(batches)
         reads.extend(mode.reads)
+        copies.extend(copy_mode.copies)
 
     recipe._train_step = counted_step
     summary = recipe.train()
     assert summary.completed and len(summary.losses) == 4
     assert reads == []
+    assert copies == []

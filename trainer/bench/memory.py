@@ -1,6 +1,6 @@
 """Predict the GPU memory of a LoRA training step without a GPU, on the meta device.
 
-    python -m trainer.bench.memory [--family sdxl] [--res 1024] [--batch 1] [--rank 16]
+    python -m trainer.bench.memory [--family sdxl] [--res 1024] [--batch 1] [--rank 16] [--vae-encode]
 
 The UNet (random weights never materialised), its LoRA and the optimizer state live on `meta`;
 one steady-state training step (forward, fp32 MSE loss, backward) runs there while
@@ -12,11 +12,14 @@ one steady-state training step (forward, fp32 MSE loss, backward) runs there whi
 - `CudaAutocast` applies CUDA autocast's casting rules (matmuls and convolutions in the low
   precision dtype, norms / softmax / losses in float32, leaf-weight casts cached for the forward),
   which `torch.autocast` cannot do on meta tensors;
-- attention runs as a flash kernel (q, k, v, output and log-sum-exp kept; no N x N matrix), as
-  SDPA does on an H100 at head_dim 64.
+- attention runs as a fused kernel (q, k, v, output and log-sum-exp kept; no N x N matrix), as
+  SDPA does on an H100 (flash at head_dim 64, memory-efficient for the fp32 VAE), unless q, k or
+  v has a strided last dimension: the fused CUDA kernels refuse those, and SDPA falls back to
+  its math kernel, which holds the (B, heads, N, N) scores and probabilities.
 
-It prints one row per gradient-checkpointing setting. Run the same step on a GPU with
-`python -m trainer bench --family sdxl --batch 1 --checkpointing` to compare.
+It prints one row per gradient-checkpointing setting (`--vae-encode`: the no-grad VAE encode of
+one batch of images instead, as latent caching runs it). Run the same step on a GPU with
+`python -m trainer bench --family sdxl --batch 1 --checkpointing layer` to compare.
 """
 from __future__ import annotations
 
@@ -76,11 +79,24 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+def _cuda_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """SDPA with the memory behaviour of the kernel CUDA would pick (see module doc)."""
     if attn_mask is not None or kwargs:
         return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (q, k, v)):
+        # CUDA's math fallback: explicit scores and softmax (composite ops, so they run on meta).
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, dropout_p, is_causal, scale=scale)[0]
     # The CPU flash kernel has the same outputs and saved tensors as CUDA's, and a meta kernel.
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+
+class CudaAttention(TorchFunctionMode):
+    """SDPA calls run as `_cuda_attention` (for models that run outside autocast, like the VAE)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return _cuda_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 class CudaAutocast(TorchFunctionMode):
@@ -119,7 +135,7 @@ class CudaAutocast(TorchFunctionMode):
         elif func in self.FP32:
             args, kwargs = tree_map(lambda x: self._cast(x, torch.float32), (args, kwargs))
         if func is F.scaled_dot_product_attention:
-            return _flash_attention(*args, **kwargs)
+            return _cuda_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -197,6 +213,44 @@ def estimate_step(family: str = "sdxl", res: int | None = None, batch: int = 1, 
     return MemoryEstimate(checkpointing, nbytes(base), nbytes(lora), nbytes(moments), mem.peak)
 
 
+@dataclass
+class EncodeEstimate:
+    """Bytes of one no-grad VAE encode. `peak` is the predicted max_memory_allocated."""
+
+    weights: int
+    images: int
+    peak: int
+
+    @property
+    def activations(self) -> int:
+        """Peak above the VAE weights and the input images."""
+        return self.peak - self.weights - self.images
+
+
+def estimate_vae_encode(family: str = "sdxl", res: int | None = None, batch: int = 1,
+                        dtype: torch.dtype = torch.bfloat16, device: str = "meta") -> EncodeEstimate:
+    """Predicted memory of encoding fp32 images (B, 3, res, res) with `family`'s VAE, as latent
+    caching does: no grad, no autocast, the VAE in fp32 when its config forces upcasting (SDXL),
+    else in `dtype`. Attention as in `_cuda_attention`."""
+    import models
+    from models.bundle import FAMILIES
+
+    bundle = models.build_model(family, device=device, dtype=dtype)
+    vae = bundle.vae
+    if vae.config.force_upcast:
+        vae.to(dtype=torch.float32)
+    res = res or FAMILIES[family].resolution
+    images = torch.zeros(batch, vae.config.in_channels, res, res, device=device)
+    weights = list(vae.parameters()) + list(vae.buffers())
+    mem = LiveTensorBytes()
+    with torch.no_grad(), mem, CudaAttention():
+        mem.track(*weights, images)
+        posterior = vae.encode(images)
+        del posterior
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    return EncodeEstimate(nbytes(weights), nbytes([images]), mem.peak)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--family", default="sdxl")
@@ -206,8 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="kohya")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, nargs="+", default=list(CHECKPOINTING))
+    p.add_argument("--vae-encode", action="store_true", help="predict the VAE encode of latent caching instead")
     args = p.parse_args(argv)
     dtype = torch_dtype(args.dtype)
+    if args.vae_encode:
+        e = estimate_vae_encode(args.family, args.res, args.batch, dtype)
+        print(f"predicted GPU memory of one VAE encode (no grad): {args.family}, {args.res or 'native'} px, "
+              f"batch {args.batch}")
+        print("| weights GiB | images GiB | activations GiB | peak GiB |")
+        print("|---|---|---|---|")
+        print(f"| {e.weights / GIB:.3f} | {e.images / GIB:.3f} | {e.activations / GIB:.2f} | **{e.peak / GIB:.2f}** |")
+        return 0
     print(f"predicted GPU memory of one training step: {args.family}, {args.res or 'native'} px, batch {args.batch}, "
           f"LoRA rank {args.rank} {args.preset}, {args.dtype}{' autocast' if dtype != torch.float32 else ''}")
     print("| checkpointing | weights GiB | LoRA GiB | AdamW GiB | activations + grads GiB | peak GiB |")

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from ..objective import PREDICTION_TYPES
+from ..objective import PREDICTION_TYPES, to_device
 from ..schedule import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -212,33 +212,63 @@ def gaussian_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Unit Gaussian noise shaped like x (float32, on x's device), drawn on the generator's device
     and moved, so a CPU generator gives the same numbers whatever device x is on. A list of
     generators (one per batch element) draws each sample's noise from its own generator."""
+    return ancestral_noise(x, generator, 1)[0]
+
+
+def ancestral_noise(x: torch.Tensor, generator: Generators, count: int) -> torch.Tensor:
+    """`count` unit Gaussian draws shaped like x: (count, *x.shape) float32 on x's device.
+
+    Draw j is the j-th `torch.randn(x.shape, generator=...)` of the generator (for a list, the
+    j-th (1, ...) draw of each sample's own generator), on the generator's device. Noise drawn
+    elsewhere crosses to x's device in one pinned, non-blocking copy, instead of one blocking
+    copy per sampler step.
+    """
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        parts = [gaussian_like(x[i : i + 1], g) for i, g in enumerate(generator)]
-        return torch.cat(parts)
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+        parts = [_draws((1, *x.shape[1:]), g, x.device, count) for g in generator]
+        if len({p.device for p in parts}) > 1:
+            parts = [to_device(p, x.device) for p in parts]
+        return to_device(torch.cat(parts, dim=1), x.device)
+    return to_device(_draws(tuple(x.shape), generator, x.device, count), x.device)
+
+
+def _draws(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, count: int):
+    """(count, *shape) float32 on the generator's device (`device` without a generator)."""
+    device = generator.device if generator is not None else device
+    # One draw per step, not one big draw: CPU randn of n values is not the concatenation of
+    # smaller draws, and each step must see exactly the numbers the reference scheduler draws.
+    return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                        for _ in range(count)])
 
 
 class EulerAncestralSampler(Sampler):
     """Euler to sigma_down plus fresh noise of std sigma_up (reference: EulerAncestralDiscreteScheduler).
 
-    Noise is drawn after each model call (see `gaussian_like`), the same draws as the reference
-    scheduler's `step` with the same generator(s).
+    The noise of every step with sigma_up > 0 is drawn before the first one (`ancestral_noise`):
+    the same draws, in the same order, as the reference scheduler's `step` with the same
+    generator(s), moved to the latents' device once per run.
     """
 
     name, display_name = "euler_a", "Euler a"
     stochastic = True
 
+    @staticmethod
+    def _sigma_up(sigma: float, sigma_next: float) -> float:
+        return math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+
     def step(self, i, x, denoised, sigmas, generator, state):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_up = self._sigma_up(sigma, sigma_next)
         sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
         x = x + (x - denoised) * ((sigma_down - sigma) / sigma)
         if sigma_up == 0.0:
             return x
-        return x + gaussian_like(x, generator) * sigma_up
+        if "noise" not in state:
+            # Steps i..n-1 that add noise, in order; the generator(s) serve nothing else meanwhile.
+            noisy = [j for j in range(i, len(sigmas) - 1) if self._sigma_up(sigmas[j], sigmas[j + 1]) != 0.0]
+            state["noise"] = dict(zip(noisy, ancestral_noise(x, generator, len(noisy))))
+        return x + state["noise"].pop(i) * sigma_up
 
 
 class DDIMSampler(EulerSampler):
