@@ -188,6 +188,10 @@ def test_wrong_shape_and_wrong_family_and_unsupported_types(tmp_path):
     tensors = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}
     p3 = tmp_path / "loha.safetensors"
     safetensors.torch.save_file(tensors, p3)
+    with pytest.raises(LoRAFileError, match="incomplete loha adapter: missing hada_w1_b, hada_w2_a, hada_w2_b"):
+        load_lora(sd15, p3)
+    tensors = {"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": torch.zeros(2, 2, 2)}
+    safetensors.torch.save_file(tensors, p3)
     with pytest.raises(LoRAFileError, match="adapter type"):
         load_lora(sd15, p3)
 

@@ -1,7 +1,21 @@
 """LoRA adapters: the layers that wrap base weights (`layers`), the network that injects and
-trains them (`network`), the kohya/ComfyUI/diffusers key names (`names`) and the files (`files`)."""
-from .files import LoRAFileError, load_lora
-from .layers import LoRAConv2d, LoRALinear
-from .network import LoRAConfig, LoRANetwork, inject_lora
+trains them (`network`), its options (`options`), the kohya/ComfyUI/diffusers key names (`names`)
+and the files (`files`).
 
-__all__ = ["LoRAConfig", "LoRAConv2d", "LoRAFileError", "LoRALinear", "LoRANetwork", "inject_lora", "load_lora"]
+Names resolve lazily so that `from models.lora.options import LoRAOptions` (read by training
+configs) does not import torch.
+"""
+from ..lazy import lazy_exports
+
+_EXPORTS = {
+    "LoRAOptions": "models.lora.options",
+    "LoRAConv2d": "models.lora.layers",
+    "LoRALinear": "models.lora.layers",
+    "LoRANetwork": "models.lora.network",
+    "inject_lora": "models.lora.network",
+    "LoRAFileError": "models.lora.files",
+    "load_lora": "models.lora.files",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -232,6 +232,7 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoRA
     lora_A/lora_B become lora_down/lora_up), with the keys that form no complete adapter of a
     known kind (`explain_unknown` says why)."""
     modules: dict[str, LoRAModuleWeights] = {}
+    keys: dict[str, list[str]] = {}
     unknown = []
     for key, t in tensors.items():
         m = _KOHYA_RE.match(key) or _PEFT_RE.match(key)
@@ -241,9 +242,10 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoRA
         suffix = _suffix(m)
         entry = modules.setdefault(m.group(1), LoRAModuleWeights())
         entry[suffix] = float(t.float().item()) if suffix == "alpha" else t
+        keys.setdefault(m.group(1), []).append(key)
     for name, entry in list(modules.items()):
         if entry.problem():
-            unknown.extend(f"{name}.{k}" for k in entry)
+            unknown.extend(keys[name])
             del modules[name]
     return modules, sorted(unknown)
 
@@ -260,7 +262,7 @@ def explain_unknown(unknown: list[str], tensors: dict[str, torch.Tensor]) -> lis
     lines, seen = [], set()
     for key in unknown:
         m = _KOHYA_RE.match(key) or _PEFT_RE.match(key)
-        if m is None or key not in tensors:
+        if m is None:
             unsupported = any(part in key for part in _UNSUPPORTED)
             lines.append(f"{key} ({'an adapter type this loader does not support' if unsupported else 'not a LoRA weight'})")
             continue

@@ -7,26 +7,32 @@
 
 `inject_lora` picks target layers (presets / regexes, `models.lora.names`), wraps each in a
 `LoRALinear` / `LoRAConv2d` (`models.lora.layers`; base parameter names unchanged) and returns the
-`LoRANetwork` that owns the adapters: its state dict is exactly the kohya file layout; it merges,
+`LoRANetwork` that owns the adapters (`algo`: LoRA, or LyCORIS LoHa / LoKr from
+`models.lora.lycoris`): its state dict is exactly the kohya file layout; it merges,
 unmerges, removes itself (the original module objects come back) and saves. Several networks can be
 stacked on one model, each with its own multiplier (= ComfyUI strength).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .layers import LoRAAdapter, LoRAConv2d, LoRALinear, _LoRAWrapper
+from .blocks import shape_in_block, unet_block_tables
+from .layers import Adapter, LoRAAdapter, LoRAConv2d, LoRALinear, _LoRAWrapper, draw_module_dropout
+from .lycoris import FullAdapter, LoHaAdapter, LoKrAdapter, LoKrLayout
+from .options import LoRAOptions
 from .names import (
     TEXT_ENCODER_PRESETS,
     UNET_PRESETS,
     ModuleRef,
     base_of,
     components_of,
+    drop_unread_text_layers,
     filter_layers,
     is_3x3,
     name_table,
@@ -34,9 +40,10 @@ from .names import (
 )
 
 __all__ = [
+    "ALGOS",
     "UNET_PRESETS",
     "LoRAAdapter",
-    "LoRAConfig",
+    "LoRAOptions",
     "LoRAConv2d",
     "LoRALinear",
     "LoRANetwork",
@@ -45,43 +52,8 @@ __all__ = [
 ]
 
 _TAGS = itertools.count()
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class LoRAConfig:
-    """How a network was built; written to the file metadata (ss_network_dim/alpha/args)."""
-
-    rank: int = 16
-    """Rank of Linear and 1x1-conv adapters."""
-    alpha: float | None = None
-    """Scale numerator for those (scale = alpha / rank); None = rank (scale 1)."""
-    conv_rank: int | None = None
-    """Rank of 3x3-conv adapters (LoCon); None = rank."""
-    conv_alpha: float | None = None
-    """Alpha of 3x3-conv adapters; None = conv_rank."""
-    text_encoder_rank: int | None = None
-    """Rank of text-encoder adapters; None = rank."""
-    text_encoder_alpha: float | None = None
-    """Alpha of text-encoder adapters; None = alpha (or the text-encoder rank when alpha is None)."""
-    dropout: float = 0.0
-    """Dropout on the rank-r activations (training only)."""
-    rank_dropout: float = 0.0
-    """Probability of zeroing each rank channel per sample (training only)."""
-    module_dropout: float = 0.0
-    """Probability of skipping a whole adapter per forward (training only)."""
-    dora: bool = False
-    """Weight-decomposed LoRA (trainable per-input-column magnitude `dora_scale`)."""
-    unet: str | list[str] | None = "kohya"
-    """UNet preset (`attn`, `kohya`, `locon`), regexes on UNet module paths, or None."""
-    text_encoders: str | list[str] | None = None
-    """Text-encoder preset `te`, regexes on encoder module paths, or None."""
-    include: list[str] = field(default_factory=list)
-    """Keep only modules whose `<component>.<path>` matches one of these regexes (re.search)."""
-    exclude: list[str] = field(default_factory=list)
-    """Drop modules whose `<component>.<path>` matches one of these regexes."""
+ALGOS = ("lora", "loha", "lokr")
+"""Algorithms `inject_lora` trains (`LoRAOptions.algo`); files may also hold `full` differences."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +66,35 @@ class LoRATarget:
     """Rank r of its adapter."""
     alpha: float
     """Scale numerator (scale = alpha / r)."""
-    dora: bool = False
-    """Give it a DoRA magnitude."""
+    dora: bool | str = False
+    """Give it a DoRA magnitude: True / `in` per input channel, `out` per output channel."""
+    algo: str = "lora"
+    """`lora`, `loha`, `lokr` or `full` (a stored full-size difference, from files only)."""
+    tucker: bool = False
+    """3x3 convs get a Tucker core (LoRA `lora_mid`, LoHa `hada_t1/t2`, LoKr `lokr_t2`)."""
+    factor: int = -1
+    """LoKr factorization factor (`LoRAOptions.factor`)."""
+    decompose_both: bool = False
+    """LoKr: w1 low rank too when small enough (`LoRAOptions.decompose_both`)."""
+    layout: LoKrLayout | None = None
+    """LoKr tensors as read from a file (overrides factor / decompose_both / tucker)."""
+    bias: bool = False
+    """Full difference with a bias update (`diff_b`)."""
+
+    def make_adapter(self, base: nn.Module, dropout: float, rank_dropout: float, module_dropout: float) -> Adapter:
+        """The adapter this target describes, for base layer `base`."""
+        drops = {"rank_dropout": rank_dropout, "module_dropout": module_dropout}
+        if self.algo == "lora":
+            return LoRAAdapter(base, self.rank, self.alpha, dropout=dropout, dora=self.dora, tucker=self.tucker,
+                               **drops)
+        if self.algo == "loha":
+            return LoHaAdapter(base, self.rank, self.alpha, dora=self.dora, tucker=self.tucker, **drops)
+        if self.algo == "lokr":
+            return LoKrAdapter(base, self.rank, self.alpha, dora=self.dora, factor=self.factor,
+                               decompose_both=self.decompose_both, tucker=self.tucker, layout=self.layout, **drops)
+        if self.algo == "full":
+            return FullAdapter(base, bias=self.bias, **drops)
+        raise ValueError(f"unknown adapter algorithm {self.algo!r}; use one of {', '.join(ALGOS)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,13 +103,14 @@ class LoRATarget:
 class LoRANetwork(nn.Module):
     """All adapters of one LoRA on one model. Children are the adapters, named by their kohya
     module name, so `state_dict()` holds exactly the kohya file keys
-    (`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, `<name>.dora_scale`).
+    (`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, `<name>.dora_scale`;
+    LoHa `<name>.hada_w1_a` ...; LoKr `<name>.lokr_w1` ...).
 
     Build with `inject_lora` (new training) or `models.load_lora` (from a file). Several networks
     may be stacked on one model, each with its own `multiplier`.
     """
 
-    def __init__(self, bundle, targets: Sequence[LoRATarget], config: LoRAConfig, *, dropout=0.0, rank_dropout=0.0,
+    def __init__(self, bundle, targets: Sequence[LoRATarget], config: LoRAOptions, *, dropout=0.0, rank_dropout=0.0,
                  module_dropout=0.0):
         super().__init__()
         object.__setattr__(self, "_bundle", bundle)  # not a submodule: the model is not ours to save
@@ -127,8 +127,7 @@ class LoRANetwork(nn.Module):
             if ref.kohya in self._refs:
                 raise ValueError(f"LoRA module {ref.kohya} listed twice")
             layer = parts[ref.component].get_submodule(ref.path)
-            adapter = LoRAAdapter(base_of(layer), t.rank, t.alpha, dropout=dropout, rank_dropout=rank_dropout,
-                                  module_dropout=module_dropout, dora=t.dora)
+            adapter = t.make_adapter(base_of(layer), dropout, rank_dropout, module_dropout)
             self.add_module(ref.kohya, adapter)
             self._refs[ref.kohya] = ref
         self._attach()
@@ -146,6 +145,13 @@ class LoRANetwork(nn.Module):
                 parent._modules[leaf] = layer
             layer.lora_adapters[self.tag] = self._modules[name]
             self._wrappers[name] = layer
+        # Module dropout: each model part draws its adapters' decisions before its forward pass.
+        self._dropout_hooks = []
+        for component in sorted({ref.component for ref in self._refs.values()}):
+            adapters = [self._modules[n] for n, ref in self._refs.items() if ref.component == component]
+            if any(a.module_dropout > 0 for a in adapters):
+                hook = lambda module, args, adapters=adapters: draw_module_dropout(adapters)
+                self._dropout_hooks.append(parts[component].register_forward_pre_hook(hook))
         self._attached = True
 
     def remove(self, keep_merged: bool = False) -> None:
@@ -159,7 +165,7 @@ class LoRANetwork(nn.Module):
         for name, ref in self._refs.items():
             wrapper = self._wrappers[name]
             self._modules[name].merged = False
-            self._modules[name]._merge_backup = None
+            self._modules[name]._merge_backup = self._modules[name]._bias_backup = None
             del wrapper.lora_adapters[self.tag]
             if len(wrapper.lora_adapters) == 0:
                 parent_path, _, leaf = ref.path.rpartition(".")
@@ -167,6 +173,8 @@ class LoRANetwork(nn.Module):
                 parent = root.get_submodule(parent_path) if parent_path else root
                 parent._modules[leaf] = wrapper.restore()
         self._wrappers.clear()
+        for hook in self._dropout_hooks:
+            hook.remove()
         self._attached = False
 
     # -- properties -------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ class LoRANetwork(nn.Module):
         for a in self.adapters().values():
             a.multiplier = float(value)
 
-    def adapters(self) -> dict[str, LoRAAdapter]:
+    def adapters(self) -> dict[str, Adapter]:
         """kohya name -> adapter."""
         return dict(self._modules)  # type: ignore[arg-type]
 
@@ -195,17 +203,15 @@ class LoRANetwork(nn.Module):
         """kohya name -> the module it adapts (component, path, other spellings)."""
         return dict(self._refs)
 
-    def param_groups(self, unet_lr: float, te_lr: float | None = None) -> list[dict]:
-        """Optimizer groups: UNet adapters at `unet_lr`, text-encoder adapters at `te_lr`
-        (default unet_lr); empty groups are left out."""
-        groups = []
-        unet = [p for n, a in self.adapters().items() if self._refs[n].component == "unet" for p in a.parameters()]
-        te = [p for n, a in self.adapters().items() if self._refs[n].component != "unet" for p in a.parameters()]
-        if unet:
-            groups.append({"params": unet, "lr": unet_lr, "name": "unet_lora"})
-        if te:
-            groups.append({"params": te, "lr": unet_lr if te_lr is None else te_lr, "name": "text_encoder_lora"})
-        return groups
+    def param_groups(self, unet_lr: float, te_lr: float | None = None, *, lora_plus_ratio: float | None = None,
+                     unet_block_lr: dict[str, float] | None = None) -> list[dict]:
+        """Optimizer groups: UNet adapters at `unet_lr` (x their block's multiplier in
+        `unet_block_lr`), text-encoder adapters at `te_lr` (default unet_lr), up matrices x
+        `lora_plus_ratio` (LoRA+); empty groups are left out (see `models.lora.blocks.group_parameters`)."""
+        from .blocks import group_parameters
+
+        return group_parameters(((n, self._refs[n], a) for n, a in self.adapters().items()), unet_lr, te_lr,
+                                lora_plus_ratio=lora_plus_ratio, unet_block_lr=unet_block_lr)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -216,12 +222,15 @@ class LoRANetwork(nn.Module):
     # -- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, keep_original: bool | None = None) -> None:
-        """Fold every adapter into its base weight at the current multiplier (inference speed).
+        """Fold every adapter into its base weight (and bias, for `diff_b`) at the current
+        multiplier (inference speed).
 
         All merged weights are computed and checked first: if any is non-finite (in the base dtype)
         a ValueError names the module and no weight is changed. `keep_original` (default: for DoRA
         or non-fp32 weights) stores a copy of the old weight so `unmerge` restores it bit-exactly;
-        otherwise unmerge subtracts the update again (float rounding only).
+        otherwise unmerge subtracts the update again (float rounding only). A DoRA merge cannot be
+        undone from the merged weight (the norm of W + s*up@down is lost), so after
+        `keep_original=False` a DoRA network can only be removed with `keep_merged=True`.
         """
         todo = [(n, a) for n, a in self.adapters().items() if not a.merged]
         for name, a in todo:
@@ -230,16 +239,31 @@ class LoRANetwork(nn.Module):
                 raise RuntimeError(f"cannot merge LoRA {name}: the base weight is on the meta device")
             if not torch.isfinite(a.adapted_weight(w).to(w.dtype)).all():
                 raise ValueError(f"merging LoRA {name} gives non-finite weights in {w.dtype}; nothing was merged")
+            if (db := a.delta_bias()) is not None:
+                b = self._wrappers[name].bias
+                if not torch.isfinite((b.float() + a.multiplier * db).to(b.dtype)).all():
+                    raise ValueError(f"merging LoRA {name} gives a non-finite bias in {b.dtype}; nothing was merged")
         for name, a in todo:
             w = self._wrappers[name].weight
             keep = keep_original if keep_original is not None else (a.is_dora or w.dtype != torch.float32)
             a._merge_backup = w.detach().clone() if keep else None
             w.copy_(a.adapted_weight(w).to(w.dtype))
+            if (db := a.delta_bias()) is not None:
+                b = self._wrappers[name].bias
+                a._bias_backup = b.detach().clone() if keep else None
+                b.copy_((b.float() + a.multiplier * db).to(b.dtype))
             a.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo `merge` (no-op for adapters that are not merged)."""
+        for name, a in self.adapters().items():
+            if a.merged and a.is_dora and a._merge_backup is None:
+                raise RuntimeError(
+                    f"cannot unmerge DoRA LoRA {name}: it was merged with keep_original=False and a DoRA merge "
+                    "cannot be undone from the merged weight; merge with keep_original=True (the DoRA default) "
+                    "to unmerge later, or reload the base weights"
+                )
         for name, a in self.adapters().items():
             if not a.merged:
                 continue
@@ -248,7 +272,10 @@ class LoRANetwork(nn.Module):
                 w.copy_(a._merge_backup)
             else:
                 w.copy_((w.float() - a.multiplier * a.delta_weight()).to(w.dtype))
-            a._merge_backup = None
+            if (db := a.delta_bias()) is not None:
+                b = self._wrappers[name].bias
+                b.copy_(a._bias_backup if a._bias_backup is not None else (b.float() - a.multiplier * db).to(b.dtype))
+            a._merge_backup = a._bias_backup = None
             a.merged = False
 
     # -- export -----------------------------------------------------------------------------------
@@ -256,26 +283,28 @@ class LoRANetwork(nn.Module):
         """File tensors (works on meta: shapes only).
 
         format="kohya": `<kohya name>.lora_down.weight` / `.lora_up.weight` / 0-dim `.alpha` /
-        `.dora_scale` (ComfyUI, A1111/Forge, kohya, diffusers' kohya loader).
+        `.dora_scale` (ComfyUI, A1111/Forge, kohya, diffusers' kohya loader); LyCORIS names for
+        the other kinds (`.lora_mid.weight`, `.hada_w1_a` ... `.hada_t2`, `.lokr_w1[_a/_b]`,
+        `.lokr_w2[_a/_b]`, `.lokr_t2`).
         format="peft": diffusers/PEFT names `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`,
         `text_encoder[_2].<HF path>...`, with alpha/rank folded into lora_B (PEFT's default scale is
         1); NOT read by ComfyUI for attention layers, DoRA not supported.
         """
         out: dict[str, torch.Tensor] = {}
         for name, a in self.adapters().items():
-            down, up = a.lora_down.weight.detach(), a.lora_up.weight.detach()
             if format == "kohya":
-                tensors = {"lora_down.weight": down, "lora_up.weight": up,
-                           "alpha": torch.tensor(a.alpha, dtype=torch.float32, device=down.device)}
-                if a.is_dora:
-                    tensors["dora_scale"] = a.dora_scale.detach()
+                tensors = a.export_tensors()
                 prefix = name
             elif format == "peft":
                 ref = self._refs[name]
+                if a.algo != "lora" or a.lora_mid is not None:
+                    raise ValueError(f"format='peft' holds plain LoRA only, not {a.algo}"
+                                     f"{' with a Tucker core' if a.algo == 'lora' else ''}; save in the kohya format")
                 if a.is_dora:
                     raise ValueError("format='peft' cannot carry DoRA (dora_scale); save in the kohya format")
                 if ref.peft is None:
                     raise ValueError(f"format='peft': module {ref.path} has no diffusers name; save in the kohya format")
+                down, up = a.lora_down.weight.detach(), a.lora_up.weight.detach()
                 tensors = {"lora_A.weight": down, "lora_B.weight": up * a.scale}
                 prefix = ref.peft
             else:
@@ -303,27 +332,27 @@ class LoRANetwork(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # inject_lora
 # ------------------------------------------------------------------------------------------------
+_UNSET = object()  # marks keyword arguments of `inject_lora` that were not given
+
+
 def inject_lora(
     bundle,
-    unet: str | Sequence[str] | None = "kohya",
-    text_encoders: str | Sequence[str] | None = None,
-    rank: int = 16,
-    alpha: float | None = None,
-    conv_rank: int | None = None,
-    conv_alpha: float | None = None,
-    dropout: float = 0.0,
-    rank_dropout: float = 0.0,
-    module_dropout: float = 0.0,
-    dora: bool = False,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    text_encoder_rank: int | None = None,
-    text_encoder_alpha: float | None = None,
+    options: LoRAOptions | None = None,
+    *,
+    unet=_UNSET,
+    text_encoders=_UNSET,
     freeze_base: bool = True,
+    **fields,
 ) -> LoRANetwork:
     """Add fresh LoRA adapters to `bundle` (a `ModelBundle`) and return their `LoRANetwork`.
 
-    unet: `attn` | `kohya` | `locon` | regex list on UNet module paths | None.
+    options: a `LoRAOptions` (the `lora` section of a training config); keyword arguments named
+    after its fields (algo, rank, alpha, conv_rank, conv_alpha, text_encoder_rank,
+    text_encoder_alpha, dropout, rank_dropout, module_dropout, dora, factor, decompose_both,
+    use_tucker, include, exclude) override it, e.g. `algo="lokr", factor=8`. Without `options`
+    the defaults are those of `LoRAOptions` except that text encoders get no adapters.
+    unet: `attn` | `kohya` | `locon` | regex list on UNet module paths | None (no UNet adapters);
+    sets `options.preset` / `options.targets`.
     text_encoders: `te` (q/k/v/out_proj, fc1, fc2 of every layer of every encoder) | regexes | None.
     Linear and 1x1-conv adapters get `rank`/`alpha` (text encoders: `text_encoder_rank`/
     `text_encoder_alpha`), 3x3 convs `conv_rank`/`conv_alpha`. alpha None = rank (scale 1).
@@ -334,20 +363,14 @@ def inject_lora(
     freeze_base: set requires_grad=False on every model parameter first, so that only the
     adapters train.
     """
+    config = _resolve_options(options, unet, text_encoders, fields)
+    unet, text_encoders = config.unet_targets, config.text_encoders
     if unet is None and text_encoders is None:
         raise ValueError("inject_lora: nothing to adapt; set unet and/or text_encoders")
-    config = LoRAConfig(
-        rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, text_encoder_rank=text_encoder_rank,
-        text_encoder_alpha=text_encoder_alpha, dropout=dropout, rank_dropout=rank_dropout,
-        module_dropout=module_dropout, dora=dora, unet=unet if isinstance(unet, str) or unet is None else list(unet),
-        text_encoders=text_encoders if isinstance(text_encoders, str) or text_encoders is None else list(text_encoders),
-        include=list(include or []), exclude=list(exclude or []),
-    )
-    lin_alpha = float(rank if alpha is None else alpha)
-    c_rank = rank if conv_rank is None else conv_rank
-    c_alpha = float(c_rank if conv_alpha is None else conv_alpha)
-    te_rank = rank if text_encoder_rank is None else text_encoder_rank
-    te_alpha = float(text_encoder_alpha if text_encoder_alpha is not None else (alpha if alpha is not None else te_rank))
+    config.check()
+    rank, lin_alpha = config.linear_shape()
+    c_rank, c_alpha = config.conv_shape()
+    te_rank, te_alpha = config.text_encoder_shape()
     table = name_table(bundle)
     parts = components_of(bundle)
     if freeze_base:
@@ -362,18 +385,48 @@ def inject_lora(
             if text_encoders is None:
                 continue
             chosen = select_layers(root, text_encoders, TEXT_ENCODER_PRESETS, f"text encoder {component} of {bundle.family}")
+            chosen = drop_unread_text_layers(chosen, bundle, component)
         kept = list(filter_layers(chosen, component, config.include, config.exclude))
         if not kept:
             raise ValueError(
                 f"LoRA include={config.include!r} / exclude={config.exclude!r} left no module of {component} "
                 f"({len(chosen)} selected before filtering)"
             )
+        blocks = unet_block_tables(root, config) if component == "unet" else (None, None)
         for path, layer in kept:
             if component != "unet":
                 r, a = te_rank, te_alpha
             elif is_3x3(layer):
-                r, a = c_rank, c_alpha
+                r, a = shape_in_block(blocks[1], path, (c_rank, c_alpha), config.conv_alpha)
             else:
-                r, a = rank, lin_alpha
-            targets.append(LoRATarget(table.ref(component, path), r, a, dora))
-    return LoRANetwork(bundle, targets, config, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+                r, a = shape_in_block(blocks[0], path, (rank, lin_alpha), config.alpha)
+            if r == 0:  # a per-block rank of 0: no adapter in that block
+                continue
+            targets.append(LoRATarget(table.ref(component, path), r, a, config.dora, algo=config.algo,
+                                      tucker=config.use_tucker, factor=config.factor,
+                                      decompose_both=config.decompose_both))
+    return LoRANetwork(bundle, targets, config, dropout=config.dropout, rank_dropout=config.rank_dropout,
+                       module_dropout=config.module_dropout)
+
+
+def _resolve_options(options: LoRAOptions | None, unet, text_encoders, fields: dict) -> LoRAOptions:
+    """`options` (copied) with the keyword overrides of `inject_lora` applied."""
+    if options is not None and not isinstance(options, LoRAOptions):
+        raise TypeError(f"inject_lora: options must be a LoRAOptions, got {type(options).__name__}")
+    allowed = {f.name for f in dataclasses.fields(LoRAOptions)} - {"preset", "targets", "text_encoders"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise TypeError(f"inject_lora: unknown argument(s) {', '.join(unknown)}; LoRA options are "
+                        f"unet, text_encoders, {', '.join(sorted(allowed))}")
+    base = options if options is not None else LoRAOptions(text_encoders=None)
+    # include / exclude: any sequence, None = no filter.
+    changes = {k: list(v or []) if k in ("include", "exclude") else v for k, v in fields.items()}
+    if unet is not _UNSET:
+        if unet is None or (isinstance(unet, str) and unet in UNET_PRESETS):
+            changes.update(preset=unet, targets=None)
+        else:
+            changes.update(preset=None, targets=[unet] if isinstance(unet, str) else list(unet))
+    if text_encoders is not _UNSET:
+        changes["text_encoders"] = (text_encoders if text_encoders is None or isinstance(text_encoders, str)
+                                    else list(text_encoders))
+    return dataclasses.replace(base, **changes)
