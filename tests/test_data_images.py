@@ -92,6 +92,51 @@ def test_exif_orientation_rotates_size_and_pixels():
     assert out[3, 36, 0] > 200 and out[3, 3, 0] < 60  # top-left block now at the top-right
 
 
+# EXIF 2.32, tag 0x0112: how the stored image maps to the displayed one, as PIL transposes
+# (written from the spec's table, not from the code under test).
+_EXIF_TRANSPOSE = {
+    1: [],
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],  # mirrored horizontally
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],  # mirrored vertically
+    5: [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90],  # mirrored, then 90 CCW (= transpose)
+    6: [Image.Transpose.ROTATE_270],  # 90 clockwise
+    7: [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_270],  # mirrored, then 90 CW (= transverse)
+    8: [Image.Transpose.ROTATE_90],  # 90 counter-clockwise
+}
+# The spec's wording: where the stored row 0 / column 0 end up on display, i.e. the displayed
+# corner holding the stored top-left pixel, as (row end, column end) with 0 = first, -1 = last.
+_STORED_TOP_LEFT_SHOWN_AT = {1: (0, 0), 2: (0, -1), 3: (-1, -1), 4: (-1, 0), 5: (0, 0), 6: (0, -1), 7: (-1, -1), 8: (-1, 0)}
+
+
+def _reference_orient(img: Image.Image, orientation: int) -> Image.Image:
+    for op in _EXIF_TRANSPOSE[orientation]:
+        img = img.transpose(op)
+    return img
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_probed_size_and_reference_pixels(orientation, fmt):
+    # 5 x 3 stored pixels, every one a different colour: no transpose maps it onto itself.
+    rng = np.random.default_rng(orientation)
+    stored = rng.permutation(256)[:15].astype(np.uint8).reshape(3, 5)
+    stored = np.stack([stored, 255 - stored, np.full_like(stored, 40)], axis=-1)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(Image.fromarray(stored), fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    # JPEG is lossy: the reference starts from the stored pixels as decoded, with EXIF ignored.
+    decoded = Image.open(io.BytesIO(data)).convert("RGB") if fmt == "JPEG" else Image.fromarray(stored)
+    want = np.asarray(_reference_orient(decoded, orientation))
+    info = probe_image(data)
+    out = _rgb(data)
+    assert (info.width, info.height) == (out.shape[1], out.shape[0])
+    assert (info.width, info.height) == ((3, 5) if orientation >= 5 else (5, 3))
+    assert np.array_equal(out, want)
+    row, col = _STORED_TOP_LEFT_SHOWN_AT[orientation]
+    assert np.array_equal(out[row, col], np.asarray(decoded)[0, 0])
+
+
 def test_broken_files_raise_with_reason(tmp_path):
     good = _encode(Image.new("RGB", (64, 64), (10, 20, 30)), "JPEG")
     png = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")
@@ -174,3 +219,59 @@ def test_to_tensor_range_layout_dtype():
     assert t.dtype == torch.float32 and t.shape == (3, 2, 3)
     assert t[:, 0, 0].tolist()[:2] == [1.0, -1.0] and abs(t[2, 0, 0].item() - (128 / 127.5 - 1)) < 1e-6
     assert t.min() >= -1 and t.max() <= 1
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_never_decodes_below_twice_the_target(orientation):
+    # Stored 200 x 800; with orientation 6 it is shown 800 x 200. The targets include aspect ratios
+    # unlike the image's, where drafting against the wrong axis would decode far too small.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(Image.new("RGB", (200, 800), (90, 120, 30)), "JPEG", exif=exif.tobytes())
+    shown = (800, 200) if orientation == 6 else (200, 800)
+    for target in [(25, 75), (75, 25), (100, 25), (25, 100), (50, 50), (400, 10)]:
+        img = load_image(data, min_decode_size=target)
+        full = img.size == shown
+        assert full or (img.width >= 2 * target[0] and img.height >= 2 * target[1]), (target, img.size)
+        assert img.width * shown[1] == img.height * shown[0]  # same aspect: only DCT scaling
+
+
+def test_corrupt_png_with_intact_end_is_refused():
+    rng = np.random.default_rng(4)
+    data = bytearray(_encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG"))
+    start = data.index(b"IDAT") + 4
+    data[start + 200:start + 400] = bytes(200)  # zero a stretch of the compressed pixels; IEND untouched
+    with pytest.raises(ImageLoadError, match="corrupt"):
+        probe_image(bytes(data))
+    with pytest.raises(ImageLoadError):
+        load_image(bytes(data))
+
+
+def test_sixteen_bit_rounds_to_nearest():
+    gray = np.array([[200, 65000, 128, 129]], np.uint16)  # /257: 0.78, 252.9, 0.498, 0.502
+    assert _rgb(_encode(Image.fromarray(gray), "PNG"))[0, :, 0].tolist() == [1, 253, 0, 1]
+
+
+def test_random_crop_reaches_both_ends():
+    # The cover resize leaves slack along one axis only: left for landscape, top for portrait.
+    # 65 positions each; 1000 draws miss an end with probability < 1e-6.
+    rng = np.random.default_rng(0)
+    wide = [plan_crop((300, 200), (128, 128), random_crop=True, rng=rng) for _ in range(1000)]
+    tall = [plan_crop((200, 300), (128, 128), random_crop=True, rng=rng) for _ in range(1000)]
+    assert wide[0].resized == (192, 128) and tall[0].resized == (128, 192)
+    assert (min(p.left for p in wide), max(p.left for p in wide)) == (0, 64)
+    assert (min(p.top for p in tall), max(p.top for p in tall)) == (0, 64)
+
+
+def test_render_of_a_draft_decoded_image_matches_the_full_one():
+    # JPEG draft decoding hands render() an image smaller than the probed size; the crop box must
+    # be scaled to the decoded pixels.
+    rng = np.random.default_rng(6)
+    small = Image.fromarray(rng.integers(0, 255, (15, 24, 3), dtype=np.uint8))
+    full = small.resize((480, 300), Image.Resampling.BICUBIC)  # smooth, so half size loses little
+    half = full.resize((240, 150), Image.Resampling.BOX)
+    plan = plan_crop(full.size, (96, 64), random_crop=True, rng=np.random.default_rng(2))
+    a = np.asarray(render(full, plan)).astype(float)
+    b = np.asarray(render(half, plan)).astype(float)
+    assert a.shape == b.shape == (64, 96, 3)
+    assert np.abs(a - b).mean() < 3

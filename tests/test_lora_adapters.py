@@ -282,3 +282,160 @@ def test_dropouts_act_only_in_training():
     assert rel(t1, t2) > 1e-4
     with pytest.raises(ValueError, match="rank_dropout"):
         models.inject_lora(bundle, unet="attn", rank=4, rank_dropout=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank dropout: exact mask arithmetic and unbiasedness
+# ------------------------------------------------------------------------------------------------
+def _adapted_layer(kind, rank=8, alpha=4.0, p=0.25, multiplier=0.7, seed=11):
+    """A LoRALinear (6 -> 5) or LoRAConv2d (3 -> 5, 3x3) with one randomised adapter."""
+    from models.lora.layers import LoRAAdapter
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.Linear(6, 5) if kind == "linear" else torch.nn.Conv2d(3, 5, 3, padding=1)
+    wrapper = (LoRALinear if kind == "linear" else LoRAConv2d)(base)
+    adapter = LoRAAdapter(base, rank, alpha, rank_dropout=p)
+    with torch.no_grad():
+        adapter.lora_down.weight.copy_(torch.randn(adapter.lora_down.weight.shape, generator=g))
+        adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g))
+    adapter.multiplier = multiplier
+    wrapper.lora_adapters["n"] = adapter
+    return base, wrapper, adapter
+
+
+def _inputs(kind, batch, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 3, 6) if kind == "linear" else (batch, 3, 4, 4)  # (B, T, in) tokens / (B, C, H, W) maps
+    return torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_rank_dropout_is_the_seeded_mask_rescaled_by_one_over_keep(kind):
+    p = 0.25
+    base, wrapper, a = _adapted_layer(kind, p=p)
+    x = _inputs(kind, batch=4)
+    wrapper.train()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        got = wrapper(x) - base(x)
+    # The mask the adapter draws: one keep/drop per (sample, rank channel), shared by every token or pixel.
+    torch.manual_seed(7)
+    keep = (torch.rand(x.shape[0], a.rank) >= p).float()
+    keep = keep[:, None, :] if kind == "linear" else keep[:, :, None, None]
+    assert 0 < keep.mean() < 1  # the seed drops some channels and keeps others
+    with torch.no_grad():
+        want = a.lora_up(keep * a.lora_down(x)) * (a.multiplier * a.scale / (1 - p))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_rank_dropout_is_unbiased_over_many_masks(kind):
+    """E[train output] = eval output. One input repeated n times gets n independent masks.
+
+    Per output element y_j = c * sum_k U_jk h_k m_k with m_k ~ Bernoulli(q = 1 - p) and c the scale
+    over q, so Var y_j = c^2 q (1 - q) sum_k (U_jk h_k)^2 and the batch mean has std sigma_j / sqrt(n).
+    The seed is fixed, so the check is deterministic; 5 sigma per element leaves a Gaussian tail of
+    ~6e-7 per element (a few hundred elements) were the seed changed. Without the 1/q rescale the
+    mean is q times the eval output, dozens of sigmas away.
+    """
+    p, n = 0.25, 4096
+    base, wrapper, a = _adapted_layer(kind, p=p)
+    x1 = _inputs(kind, batch=1)
+    x = x1.expand(n, *x1.shape[1:]).contiguous()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        wrapper.eval()
+        want = wrapper(x[:1])[0] - base(x[:1])[0]
+        wrapper.train()
+        mean = (wrapper(x) - base(x)).mean(dim=0)
+        h = a.lora_down(x[:1])[0]  # (T, r) or (r, H, W)
+        up = a.lora_up.weight.flatten(1)  # (out, r)
+        contrib = h[:, None, :] * up if kind == "linear" else up[:, :, None, None] * h[None]  # (.., out, r ..)
+        q = 1 - p
+        c = a.multiplier * a.scale / q
+        var = c**2 * q * (1 - q) * contrib.square().sum(dim=-1 if kind == "linear" else 1)
+    sigma_mean = var.sqrt() / n**0.5
+    assert sigma_mean.shape == want.shape
+    assert ((mean - want).abs() <= 5 * sigma_mean + 1e-5).all()
+    assert ((want * p).abs() > 5 * sigma_mean).float().mean() > 0.5  # the test can see a missing rescale
+
+
+# ------------------------------------------------------------------------------------------------
+# Merge -> unmerge without a backup copy, at strengths other than 1
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strength", [0.5, -1.0])
+def test_merge_unmerge_round_trip_without_backup(strength, dtype):
+    """Linear (attention, 1x1 proj) and 3x3-conv (LoCon) adapters, merged with keep_original=False.
+
+    unmerge recomputes W'' = round(W' - m * delta) from the merged W' = round(W + m * delta), all in
+    float32 then rounded to the weight dtype: each of the two roundings is at most half an ulp of its
+    result, so |W'' - W| <= u * (|W'| + |W|) + (float32 slack), u = 2^-8 for bf16 (8 mantissa bits,
+    one ulp at most 2^-7 relative, half of it per rounding, two roundings), 2^-23 for fp32. W is
+    already bf16 for a bf16 model, so the bf16 rounding of the original is the model's own weight.
+    """
+    bundle = build_model("tiny-sd15", seed=0, dtype=dtype)
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    net = models.inject_lora(bundle, unet="locon", rank=4, alpha=2, conv_rank=2, conv_alpha=3)
+    randomize(net, std=0.3)
+    net.multiplier = strength
+    assert any(isinstance(w, LoRAConv2d) and w.kernel_size == (3, 3) for w in net._wrappers.values())
+    assert any(isinstance(w, LoRALinear) for w in net._wrappers.values())
+    net.merge(keep_original=False)
+    assert all(a._merge_backup is None for a in net.adapters().values())
+    merged = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    net.unmerge()
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
+    checked = 0
+    for name, ref in net.refs().items():
+        key = ref.path + ".weight"
+        w0, w1, w2 = before[key].float(), merged[key].float(), bundle.unet.state_dict()[key].float()
+        assert (w1 - w0).abs().max() > 1e-2  # the merge changed the weight noticeably
+        bound = u * (w1.abs() + w0.abs()) + 1e-7
+        assert ((w2 - w0).abs() <= bound).all(), (name, (w2 - w0).abs().max().item())
+        checked += 1
+    assert checked == len(net.adapters())
+
+
+@pytest.mark.parametrize("strength", [0.5, -1.0])
+def test_dora_merge_unmerge_round_trip(strength):
+    """DoRA's merge is not invertible from W' alone (the column norm of W + s*up@down is lost): the
+    default keeps a backup and restores bit-exactly; keep_original=False refuses to unmerge rather
+    than silently corrupt the weights."""
+    bundle = build_model("tiny-sd15", seed=0)
+    inputs = unet_inputs(bundle)
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    net = models.inject_lora(bundle, unet="locon", rank=4, alpha=2, conv_rank=2, dora=True)
+    randomize(net, std=0.2)
+    net.multiplier = strength
+    with torch.no_grad():
+        live = bundle.unet(*inputs)
+        net.merge()
+        merged = bundle.unet(*inputs)
+    net.unmerge()
+    assert rel(merged, live) <= 1e-5
+    assert all(torch.equal(before[k], v) for k, v in bundle.unet.state_dict().items())
+    net.merge(keep_original=False)
+    merged_weights = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    with pytest.raises(RuntimeError, match="keep_original=False"):
+        net.unmerge()
+    assert all(torch.equal(merged_weights[k], v) for k, v in bundle.unet.state_dict().items())
+    net.remove(keep_merged=True)
+
+
+def test_merge_refuses_weights_that_overflow_the_base_dtype():
+    """Finite in float32 but beyond fp16's 65504: the merge check runs in the weight's dtype."""
+    bundle = build_model("tiny-sd15", seed=0, dtype=torch.float16)
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    net = models.inject_lora(bundle, unet="attn", rank=4)
+    name = max(net.adapters())
+    a = net.adapters()[name]
+    with torch.no_grad():
+        a.lora_down.weight.fill_(10.0)
+        a.lora_up.weight.fill_(10.0)
+        a.lora_up.weight[0] = 1e4  # row 0 of the update: 4 * 10 * 1e4 = 4e5, above fp16's max
+    assert torch.isfinite(a.adapted_weight(net._wrappers[name].weight)).all()
+    with pytest.raises(ValueError, match=name):
+        net.merge()
+    assert not any(a.merged for a in net.adapters().values())
+    assert all(torch.equal(before[k], v) for k, v in bundle.unet.state_dict().items())
