@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from models.checkpoints.safetensors_io import save_file
-from tqdm.auto import tqdm
 
 from .errors import CacheError
 from .images import ImageLoadError, content_hash

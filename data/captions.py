@@ -1,7 +1,9 @@
-"""Captions: reading caption files in any encoding, and per-sample tag shuffle/dropout/prefix.
+"""Captions: reading caption files in any encoding, and per-sample wildcards, tag
+shuffle/dropout and prefix.
 
 `CaptionProcessor` is a pure function of (caption, rng); the dataset seeds the rng from
-(seed, epoch, index), so every caption variant is reproducible.
+(seed, epoch, index), so every caption variant is reproducible. Wildcards `{red|green|blue}` in a
+caption or the prefix are replaced by one option, drawn every time the caption is used.
 """
 from __future__ import annotations
 
@@ -13,6 +15,36 @@ from dataclasses import dataclass
 import numpy as np
 
 _WHITESPACE = re.compile(r"[ \t\f\v]+")
+_WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # {a|b|c}: braces holding at least one "|"
+MAX_WILDCARD_VARIANTS = 1024  # a text cache encodes every variant; more than this is refused
+
+
+def has_wildcards(text: str) -> bool:
+    """Whether `text` holds a `{a|b}` wildcard."""
+    return _WILDCARD.search(text) is not None
+
+
+def resolve_wildcards(text: str, rng: np.random.Generator) -> str:
+    """`text` with each `{a|b|c}` replaced by one of its options (uniform, left to right)."""
+    return _WILDCARD.sub(lambda m: m.group(1).split("|")[int(rng.integers(len(m.group(1).split("|"))))], text)
+
+
+def wildcard_variants(text: str) -> list[str]:
+    """Every text the wildcards of `text` can produce (ValueError beyond MAX_WILDCARD_VARIANTS)."""
+    import itertools
+
+    options = [m.group(1).split("|") for m in _WILDCARD.finditer(text)]
+    count = 1
+    for o in options:
+        count *= len(o)
+    if count > MAX_WILDCARD_VARIANTS:
+        raise ValueError(f"caption {text[:60]!r} has {count} wildcard variants (more than {MAX_WILDCARD_VARIANTS})")
+    parts = _WILDCARD.split(text)  # literal, option text, literal, ...
+    out = []
+    for choice in itertools.product(*options):
+        pieces = [p if i % 2 == 0 else choice[i // 2] for i, p in enumerate(parts)]
+        out.append("".join(pieces))
+    return out
 
 
 def decode_caption(data: bytes) -> tuple[str, str | None]:
@@ -88,13 +120,16 @@ class CaptionSettings:
 
 
 class CaptionProcessor:
-    """Applies prefix, keep_tokens, tag shuffle, tag dropout and caption dropout to a caption.
+    """Applies caption dropout, wildcards, keep_tokens, tag dropout, tag shuffle and the prefix.
 
-    Order: whole-caption dropout (-> "") first; otherwise the caption is split on the separator
-    (empty tags dropped), the first `keep_tokens` tags stay in place, the rest are dropped with
-    probability `tag_dropout` each and shuffled, and the prefix tags are put in front (not repeated
-    when the caption already starts with them). Tags are re-joined with the separator plus a space
-    (", " for ","), or the bare separator when it is whitespace.
+    Order: 1. whole-caption dropout (-> "") is decided first; 2. wildcards `{a|b}` in the caption
+    and in the prefix are resolved; 3. the caption is split on the separator (empty tags dropped)
+    and its first `keep_tokens` tags stay in place; 4. the other tags are dropped with probability
+    `tag_dropout` each, 5. then shuffled; 6. the prefix tags go in front (never shuffled, dropped or
+    counted in keep_tokens; not repeated when the caption already starts with them). Tags are
+    re-joined with the separator plus a space (", " for ","), or the bare separator when it is
+    whitespace. Random draws happen only for the steps that are on, so turning wildcards on in one
+    caption does not change the shuffles of the others.
     """
 
     def __init__(self, settings: CaptionSettings):
@@ -108,15 +143,30 @@ class CaptionProcessor:
         """False when every call returns `base(caption)` (no rng needed)."""
         return self.settings.caption_dropout > 0 or self.settings.randomises_text
 
+    def is_random_for(self, caption: str) -> bool:
+        """Whether `caption` can give different texts (randomising settings, or wildcards in it or the prefix)."""
+        return self.is_random or has_wildcards(caption) or has_wildcards(self.settings.caption_prefix)
+
+    def variants(self, caption: str) -> list[str]:
+        """Every text `caption` can give when only wildcards vary (what a text cache encodes)."""
+        prefixes = wildcard_variants(self.settings.caption_prefix)
+        texts = []
+        for prefix in prefixes:
+            proc = self if len(prefixes) == 1 and prefix == self.settings.caption_prefix else CaptionProcessor(
+                CaptionSettings(**{**self.settings.__dict__, "caption_prefix": prefix}))
+            texts.extend(proc.base(c) for c in wildcard_variants(caption))
+        return texts
+
     def split(self, caption: str) -> list[str]:
         """Non-empty stripped tags of `caption`."""
         return [t.strip() for t in caption.split(self.settings.tag_separator) if t.strip()]
 
-    def _with_prefix(self, tags: list[str]) -> list[str]:
-        n = len(self.prefix_tags)
-        if n and tags[:n] == self.prefix_tags:
+    def _with_prefix(self, tags: list[str], prefix_tags: list[str] | None = None) -> list[str]:
+        prefix = self.prefix_tags if prefix_tags is None else prefix_tags
+        n = len(prefix)
+        if n and tags[:n] == prefix:
             return tags
-        return self.prefix_tags + tags
+        return prefix + tags
 
     def base(self, caption: str) -> str:
         """The caption with prefix and no randomisation (what a text cache stores)."""
@@ -129,8 +179,13 @@ class CaptionProcessor:
         # Draw the dropout decision unconditionally so the other draws do not depend on the rate.
         if rng.random() < s.caption_dropout:
             return ""
+        prefix_tags = self.prefix_tags
+        if has_wildcards(s.caption_prefix):
+            prefix_tags = self.split(resolve_wildcards(s.caption_prefix, rng))
+        if has_wildcards(caption):
+            caption = resolve_wildcards(caption, rng)
         if not s.randomises_text:
-            return self.base(caption)
+            return self.joiner.join(self._with_prefix(self.split(caption), prefix_tags)) if prefix_tags else caption
         tags = self.split(caption)
         keep = tags[: s.keep_tokens]
         rest = tags[s.keep_tokens:]
@@ -138,4 +193,4 @@ class CaptionProcessor:
             rest = [t for t, u in zip(rest, rng.random(len(rest))) if u >= s.tag_dropout]
         if s.shuffle_tags and len(rest) > 1:
             rest = [rest[i] for i in rng.permutation(len(rest))]
-        return self.joiner.join(self._with_prefix(keep + rest))
+        return self.joiner.join(self._with_prefix(keep + rest, prefix_tags))

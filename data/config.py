@@ -73,11 +73,16 @@ class SubsetConfig:
     """Random horizontal flip (p = 0.5)."""
     random_crop: bool | None = None
     """Random instead of center crop to the bucket."""
+    is_reg: bool = False
+    """Regularization (prior-preservation) images: drawn alongside the training images, as many per
+    epoch as there are training samples (cycling through this set across epochs); their loss is
+    weighted by `train.prior_loss_weight`. Epochs count training images only."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
             raise DataConfigError("path: every subset needs a path (folder, saved dataset, parquet file or hub id)")
         _check_common(self, "")
+        _check_bool(self, "is_reg", "")
 
 
 @dataclass
@@ -130,6 +135,9 @@ class DataConfig:
     """Random horizontal flips (doubles the latent cache)."""
     random_crop: bool = False
     """Random crops instead of center crops (not with `cache_latents`)."""
+    alpha_mask: bool = False
+    """With `train.masked_loss`, take each image's mask from its alpha channel (opaque = learn,
+    transparent = ignore) instead of `<stem>-masklabel.png` files; images without alpha are learnt whole."""
     enable_buckets: bool = True
     """Aspect-ratio buckets; false = every image is cropped to a resolution x resolution square."""
     bucket_min_side: int = 256
@@ -156,6 +164,9 @@ class DataConfig:
     """Directory of the on-disk caches; null = keep caches in memory."""
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of cached tensors (float16 halves disk use)."""
+    cache_memory_limit: float | None = 0.5
+    """Without `cache_dir`, refuse to start when the in-memory caches (estimated from the scan and
+    the model, printed at start) would need more than this share of the available memory; null = no limit."""
     num_workers: int = 2
     """DataLoader worker processes for decoding (0 = in the main process)."""
 
@@ -186,7 +197,7 @@ class DataConfig:
         if self.bucket_min_side > self.bucket_max_side:
             raise DataConfigError(f"bucket_min_side: {self.bucket_min_side} is larger than bucket_max_side={self.bucket_max_side}")
         for name in ("strict", "caption_from_stem", "kohya_repeats", "shuffle_tags", "flip", "random_crop",
-                     "enable_buckets", "bucket_no_upscale", "verify_images", "cache_latents", "cache_text"):
+                     "alpha_mask", "enable_buckets", "bucket_no_upscale", "verify_images", "cache_latents", "cache_text"):
             _check_bool(self, name, "")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise DataConfigError(f"cache_dtype: must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
@@ -235,6 +246,8 @@ class DataConfig:
         subs = self.resolved_subsets()
         if not subs:
             raise DataConfigError("path: no training images given; set `path` (or `subsets`) to an image folder or dataset")
+        if all(sub.is_reg for sub in subs):
+            raise DataConfigError("subsets: every subset is is_reg (regularization images); add a subset of training images")
         for i, sub in enumerate(subs):
             where = f"subsets[{i}].path" if self.subsets else "path"
             if not os.path.exists(sub.path) and not _HUB_ID.match(sub.path):

@@ -15,6 +15,9 @@ A sample (dict):
     crop_top_left   (top, left) in the resized (and flipped) image
     target_size     (h, w) of the bucket
     index, name     dataset index and image path/row label
+    is_reg          whether the image is a regularization image (`SubsetConfig.is_reg`)
+    mask            float32 loss mask in [0, 1] (with masks on, see data/masks.py): (1, H, W) from
+                    pixels, (1, H/8, W/8) from the latent cache
     failed          [(record, reason)] of images a DataLoader worker had to replace (only then)
 """
 from __future__ import annotations
@@ -30,9 +33,18 @@ from .buckets import Bucket, assign_bucket, format_bucket_table
 from .captions import CaptionProcessor, CaptionSettings
 from .config import DataConfig, SubsetConfig
 from .errors import CacheError, DataError
-from .images import ImageLoadError, load_image, read_bytes
+from .images import ImageLoadError, content_hash, load_image, read_bytes
+from .masks import (
+    MaskSettings,
+    check_not_empty,
+    full_mask,
+    read_sidecar,
+    render_mask,
+    sidecar_path,
+)
 from .scan import ImageRecord, ScanReport
-from .sources import ScanOptions, scan_subset
+from .sources import ScanOptions
+from .subsets import scan_subset
 from .transforms import CropPlan, plan_crop, render, to_tensor
 
 log = logging.getLogger(__name__)
@@ -55,14 +67,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """Map-style dataset of scanned image records (see module docstring for the sample layout).
 
     records: usable images; subsets: resolved SubsetConfigs (record.subset indexes them); tables:
-    per subset the HFTable rows refer to, or None; seed: base of all per-sample randomness.
-    Length = sum of repeats; index i is repeat k of record index_map[i].
+    per subset the HFTable rows refer to, or None; seed: base of all per-sample randomness;
+    masks: read loss masks (None = no masks). Length = sum of repeats; index i is repeat k of
+    record index_map[i].
     """
 
     def __init__(self, records: list[ImageRecord], subsets: list[SubsetConfig], tables: list, *,
-                 config: DataConfig, seed: int = 0, report: ScanReport | None = None):
+                 config: DataConfig, seed: int = 0, report: ScanReport | None = None,
+                 masks: MaskSettings | None = None):
         # SeedSequence needs non-negative entries: negative seeds wrap around (still distinct).
         self.config, self.subsets, self.tables, self.seed = config, subsets, tables, int(seed) % 2**64
+        self.masks = masks
+        self.held_out: ImageCaptionDataset | None = None  # see build_dataset(holdout=...)
         self.report = report if report is not None else ScanReport()
         self.background = tuple(config.background)
         self.processors = [CaptionProcessor(CaptionSettings(
@@ -103,6 +119,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """Bucket id of every dataset index (input of BucketBatchSampler)."""
         return self.record_bucket[self.index_map]
 
+    @property
+    def regularization(self) -> np.ndarray | None:
+        """Whether each dataset index is a regularization image, or None when there are none."""
+        if not hasattr(self, "_regularization"):
+            flags = np.asarray([self.subsets[r.subset].is_reg for r in self.records], dtype=bool)
+            self._regularization = flags[self.index_map] if flags.any() else None
+        return self._regularization
+
+    def count_images(self, regularization: bool = False) -> int:
+        """Training (or regularization) images, without repeats."""
+        return sum(self.subsets[r.subset].is_reg == regularization for r in self.records)
+
     def bucket_of(self, index: int) -> Bucket:
         """(width, height) of the bucket of dataset index `index`."""
         return self.bucket_sizes[self.record_bucket[self.index_map[index]]]
@@ -129,7 +157,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         crop = plan_crop((rec.width, rec.height), self.bucket_sizes[self.record_bucket[rid]],
                          random_crop=bool(sub.random_crop), flip=flip, rng=rng)
         proc = self.processors[rec.subset]
-        caption = proc(rec.caption, self._rng(index, epoch, _CAPTION)) if proc.is_random else proc.base(rec.caption)
+        caption = (proc(rec.caption, self._rng(index, epoch, _CAPTION)) if proc.is_random_for(rec.caption)
+                   else proc.base(rec.caption))
         return SamplePlan(record=rid, crop=crop, caption=caption)
 
     def cache_plan(self, record: int) -> CropPlan:
@@ -147,14 +176,40 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def load_pixels(self, record: int, crop: CropPlan) -> torch.Tensor:
         """float32 (3, H, W) in [-1, 1] of `record` rendered with `crop` (ImageLoadError if broken)."""
+        return self.load_pixels_and_mask(record, crop)[0]
+
+    def load_pixels_and_mask(self, record: int, crop: CropPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels (see `load_pixels`) and, with masks on, the loss mask float32 (1, H, W) cut out
+        exactly like them (all ones for an image without a mask); MaskError for a bad mask."""
         rec = self.records[record]
         source = rec.path if rec.path is not None else self.tables[rec.subset].image_bytes(rec.row)
+        alpha = self.masks is not None and self.masks.source == "alpha"
         img = load_image(source, background=self.background, max_pixels=self.config.max_pixels,
-                         min_decode_size=crop.resized)
+                         min_decode_size=crop.resized, with_alpha=alpha)
+        img, mask = img if alpha else (img, None)
         if (img.width > rec.width or img.height > rec.height
                 or abs(img.width / img.height - rec.width / rec.height) > 0.02 * rec.width / rec.height):
             raise ImageLoadError(f"image changed on disk since the scan ({rec.width}x{rec.height} -> {img.width}x{img.height})")
-        return to_tensor(render(img, crop))
+        pixels = to_tensor(render(img, crop))
+        if self.masks is None:
+            return pixels, None
+        if not alpha:
+            mask = read_sidecar(rec.path, (rec.width, rec.height), self.config.max_pixels)
+        if mask is None:
+            return pixels, full_mask(crop)
+        check_not_empty(mask, rec.name, self.masks)
+        return pixels, render_mask(mask, crop)
+
+    def mask_identity(self, record: int) -> str | None:
+        """What the latent cache key records about `record`'s mask: None without masks, "alpha"
+        (the image bytes already identify it), else a hash of the sidecar file or "none"."""
+        if self.masks is None:
+            return None
+        if self.masks.source == "alpha":
+            return "alpha"
+        rec = self.records[record]
+        path = None if rec.path is None else sidecar_path(rec.path)
+        return content_hash(read_bytes(path)) if path is not None and os.path.exists(path) else "none"
 
     def _substitutes(self, record: int):
         """Other records of the same bucket, in a fixed order after `record`."""
@@ -198,7 +253,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             out["failed"], self._worker_failures = self._worker_failures, []
         crop = plan.crop
         out.update(caption=plan.caption, original_size=crop.original_size, crop_top_left=crop.crop_top_left,
-                   target_size=crop.target_size, index=index, name=self.records[plan.record].name)
+                   target_size=crop.target_size, index=index, name=self.records[plan.record].name,
+                   is_reg=bool(self.subsets[self.records[plan.record].subset].is_reg))
         return out
 
     def _pixel_sample(self, index: int, epoch: int, plan: SamplePlan, out: dict) -> SamplePlan:
@@ -207,7 +263,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 continue
             plan = plan if rid == plan.record else self.plan(index, epoch, record=rid)
             try:
-                out["pixels"] = self.load_pixels(rid, plan.crop)
+                out["pixels"], mask = self.load_pixels_and_mask(rid, plan.crop)
+                if mask is not None:
+                    out["mask"] = mask
                 return plan
             except ImageLoadError as exc:
                 self._warn_failed(rid, exc.reason)
@@ -228,6 +286,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if "mean" + suffix not in entry:
             raise CacheError(f"latent cache entry of {self.records[rid].name} has no flipped variant; rebuild the cache")
         out["latent_mean"], out["latent_std"] = entry["mean" + suffix], entry["std" + suffix]
+        if self.masks is not None:
+            if "mask" not in entry:
+                raise CacheError(f"latent cache entry of {self.records[rid].name} has no loss mask; rebuild the cache")
+            out["mask"] = entry["mask"].flip(-1) if plan.crop.flip else entry["mask"]
         return plan
 
     # -- caches --------------------------------------------------------------------------------------
@@ -245,18 +307,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def cache_captions(self) -> list[str]:
         """Every text a sample can have when captions are deterministic (plus "" with caption dropout)."""
-        texts = {self.processors[r.subset].base(r.caption) for r in self.records}
+        texts = set()
+        for r in self.records:
+            try:
+                texts.update(self.processors[r.subset].variants(r.caption))
+            except ValueError as exc:
+                raise CacheError(f"cache_text: {r.name}: {exc}; set data.cache_text: false") from None
         if any(s.caption_dropout > 0 for s in self.subsets):
             texts.add("")
         return sorted(texts)
 
 
-def build_dataset(config: DataConfig, *, seed: int = 0, log_summary: bool = True) -> ImageCaptionDataset:
+def build_dataset(config: DataConfig, *, seed: int = 0, log_summary: bool = True, masks: MaskSettings | None = None,
+                  holdout: float = 0.0) -> ImageCaptionDataset:
     """Scan every subset of `config` and build the dataset (see module docstring).
 
+    masks: read loss masks (sidecar masks are checked now: MaskError naming a bad one). holdout:
+    fraction of the training images set aside (`data.validation.split_holdout`) as
+    `dataset.held_out`, a dataset of them rendered without randomness (None without a hold-out).
     Raises DataConfigError for bad paths/columns, DataScanError (listing every file) in strict mode
     when anything was skipped, DataError when no usable image is left.
     """
+    from .validation import fixed_subset, split_holdout
+
     config.check_sources()
     subsets = config.resolved_subsets()
     # Strict mode promises every unusable file before training: only a full decode finds damage
@@ -270,10 +343,20 @@ def build_dataset(config: DataConfig, *, seed: int = 0, log_summary: bool = True
         recs, table = scan_subset(sub, i, opts, report, hf_cache_dir=hf_cache)
         records.extend(recs)
         tables.append(table)
-    dataset = ImageCaptionDataset(records, subsets, tables, config=config, seed=seed, report=report)
+    if masks is not None and masks.source == "sidecar":
+        _check_sidecar_masks(records, masks, config.max_pixels)
+    held = []
+    if holdout and records:
+        records, held = split_holdout(records, subsets, holdout, seed)
+        report.held_out = len(held)
+    dataset = ImageCaptionDataset(records, subsets, tables, config=config, seed=seed, report=report, masks=masks)
+    dataset.held_out = (ImageCaptionDataset(held, [fixed_subset(s) for s in subsets], tables, config=config, seed=seed,
+                                            masks=masks) if held else None)
     for i, sub in enumerate(subsets):
         recs = [r for r in dataset.records if r.subset == i]
         report.subsets.append((sub.name or sub.path, len(recs), sum(r.repeats for r in recs)))
+        if sub.is_reg:
+            report.regularization.add(sub.name or sub.path)
     if config.strict:
         report.raise_if_errors()  # lists every problem itself: no summary first, so each is named once
     if log_summary:
@@ -284,3 +367,17 @@ def build_dataset(config: DataConfig, *, seed: int = 0, log_summary: bool = True
     if log_summary:
         log.info("buckets:\n%s", dataset.bucket_table())
     return dataset
+
+
+def _check_sidecar_masks(records: list[ImageRecord], masks: MaskSettings, max_pixels: int) -> None:
+    """MaskError naming the first (by path) sidecar mask that is unreadable, misshapen or, unless
+    allowed, ignores every pixel: found before training rather than in its middle."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(rec: ImageRecord) -> None:
+        mask = read_sidecar(rec.path, (rec.width, rec.height), max_pixels)
+        if mask is not None:
+            check_not_empty(mask, rec.name, masks)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(check, [r for r in records if r.path is not None]))

@@ -173,8 +173,10 @@ def load_image(
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_decode_size: tuple[int, int] | None = None,
-) -> Image.Image:
-    """Decoded RGB image with EXIF orientation applied.
+    with_alpha: bool = False,
+) -> Image.Image | tuple[Image.Image, Image.Image | None]:
+    """Decoded RGB image with EXIF orientation applied; with `with_alpha`, (RGB image, its alpha
+    channel as an "L" image, or None when the image has no transparency).
 
     source: file path or encoded bytes. min_decode_size: (w, h) the caller will resize to; JPEGs may
     then be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) while staying >= twice that size, which
@@ -198,7 +200,16 @@ def load_image(
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001, S110 - malformed EXIF: keep the stored orientation, keep the image
         pass
+    if with_alpha:
+        return to_rgb(img, background), alpha_channel(img)
     return to_rgb(img, background)
+
+
+def alpha_channel(img: Image.Image) -> Image.Image | None:
+    """The transparency of `img` as an "L" image (255 = opaque), or None when it has none."""
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.convert("RGBA").getchannel("A")
+    return None
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

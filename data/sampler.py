@@ -12,6 +12,12 @@ Epoch plan (identical on every rank, a function of (seed, epoch) only):
 
 Batches are lists of (index, epoch) pairs: the dataset derives crop/flip/caption randomness from
 them, which also works with persistent DataLoader workers that never see `set_epoch`.
+
+Regularization images (`regularization[i]` true): an epoch is the training samples plus as many
+regularization samples, batched together by bucket (as kohya). The regularization samples of epoch
+e are positions e*T .. e*T + T - 1 (T = training samples) of an endless sequence of seeded
+permutations of the regularization set, so a large set is cycled through across epochs and a small
+one repeats. The number of batches can then differ slightly between epochs (buckets fill differently).
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rank: int = 0,
         world_size: int = 1,
         uneven: str = "pad",
+        regularization: Sequence[bool] | None = None,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size: must be >= 1, got {batch_size}")
@@ -58,20 +65,29 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
         self.drop_last, self.rank, self.world_size, self.uneven = bool(drop_last), int(rank), int(world_size), uneven
         self.num_samples = len(buckets)
-        groups: dict[Hashable, list[int]] = {}
-        for i, key in enumerate(buckets):
-            groups.setdefault(key, []).append(i)
-        # Insertion order of first appearance: deterministic for a given dataset.
-        self._groups = [np.asarray(v, dtype=np.int64) for v in groups.values()]
+        reg = np.zeros(len(buckets), dtype=bool) if regularization is None else np.asarray(regularization, dtype=bool)
+        if len(reg) != len(buckets):
+            raise DataError(f"regularization: {len(reg)} flags for {len(buckets)} samples")
+        keys: dict[Hashable, int] = {}
+        for key in buckets:  # insertion order of first appearance: deterministic for a given dataset
+            keys.setdefault(key, len(keys))
+        self._bucket = np.asarray([keys[k] for k in buckets], dtype=np.int64)
+        self._groups = [np.flatnonzero((self._bucket == g) & ~reg) for g in range(len(keys))]
+        self._reg_pool = np.flatnonzero(reg)
+        self.num_train_samples = int((~reg).sum())
+        if len(self._reg_pool) and not self.num_train_samples:
+            raise DataError("every sample is a regularization image; add training images")
         digest = hashlib.blake2b(digest_size=8)
         for g in self._groups:
             digest.update(g.tobytes())
             digest.update(b"|")
+        digest.update(self._reg_pool.tobytes())
         self._fingerprint = digest.hexdigest()
+        self._plans: dict[int, list[list[int]]] = {}
         self.epoch = 0
         self._start = 0
         self._yielded = 0
-        total = self._total_batches()
+        total = self._total_batches(0)
         if total == 0:
             raise DataError(
                 f"no batches: {self.num_samples} samples with batch_size={batch_size} and drop_last=True leave "
@@ -80,13 +96,35 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             raise DataError(f"only {total} batches per epoch for world_size={world_size}; use uneven='pad' or fewer processes")
 
     # -- plan ---------------------------------------------------------------------------------------
-    def _total_batches(self) -> int:
+    def _regularization(self, epoch: int) -> np.ndarray:
+        """Regularization sample indices of `epoch` (see module docstring), in draw order."""
+        pool, n = self._reg_pool, self.num_train_samples
+        positions = np.arange(epoch * n, (epoch + 1) * n, dtype=np.int64)
+        out = np.empty(n, dtype=np.int64)
+        for cycle in np.unique(positions // len(pool)):
+            perm = np.random.default_rng([self.seed % 2**64, int(cycle), 0x6E9]).permutation(pool)
+            here = positions // len(pool) == cycle
+            out[here] = perm[positions[here] % len(pool)]
+        return out
+
+    def _epoch_groups(self, epoch: int) -> list[np.ndarray]:
+        """Per bucket, the sample indices of `epoch`: the training samples, then its regularization draws."""
+        if not len(self._reg_pool):
+            return self._groups
+        reg = np.sort(self._regularization(epoch))
+        return [np.concatenate([g, reg[self._bucket[reg] == b]]) for b, g in enumerate(self._groups)]
+
+    def _total_batches(self, epoch: int) -> int:
         bs = self.batch_size
-        return sum(len(g) // bs if self.drop_last else -(-len(g) // bs) for g in self._groups)
+        return sum(len(g) // bs if self.drop_last else -(-len(g) // bs) for g in self._epoch_groups(epoch))
 
     def __len__(self) -> int:
-        """Batches this rank gets per epoch."""
-        total, w = self._total_batches(), self.world_size
+        """Batches this rank gets in the current epoch."""
+        return self.epoch_length(self.epoch)
+
+    def epoch_length(self, epoch: int) -> int:
+        """Batches this rank gets in `epoch` (the same every epoch without regularization images)."""
+        total, w = self._total_batches(epoch), self.world_size
         return -(-total // w) if self.uneven == "pad" else total // w
 
     @property
@@ -95,9 +133,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches (lists of dataset indices) of `epoch`, in order."""
+        if epoch not in self._plans:
+            self._plans = {epoch: self._plan(epoch)}  # the current epoch's plan only
+        return self._plans[epoch]
+
+    def _plan(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed % 2**64, epoch, 0x5A17])
         batches: list[np.ndarray] = []
-        for g in self._groups:
+        for g in self._epoch_groups(epoch):
             idx = rng.permutation(g) if self.shuffle else g
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s:s + self.batch_size]
@@ -167,6 +210,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                 raise DataError(msg + "; restore the original data/settings or resume with strict=False to restart the epoch")
             log.warning("%s; restarting epoch %d from its first batch", msg, epoch)
             index = 0
-        if not 0 <= index <= len(self):
-            raise DataError(f"cannot resume at batch {index}: epoch has only {len(self)} batches on this rank")
+        if not 0 <= index <= self.epoch_length(epoch):
+            raise DataError(f"cannot resume at batch {index}: epoch has only {self.epoch_length(epoch)} batches on "
+                            "this rank")
         self.epoch, self._start, self._yielded = epoch, index, index

@@ -42,6 +42,10 @@ class ScanReport:
     """Images without (or with an empty) caption and the fallback used."""
     subsets: list[tuple[str, int, int]] = field(default_factory=list)
     """Per subset: (name, usable images, samples per epoch with repeats)."""
+    regularization: set[str] = field(default_factory=set)
+    """Names of the subsets (above) that hold regularization images."""
+    held_out: int = 0
+    """Training images held out for the validation loss (`validation.split`)."""
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append((str(name), reason))
@@ -53,14 +57,22 @@ class ScanReport:
 
     def summary(self, limit: int = 20) -> str:
         """Multi-line human-readable summary; lists at most `limit` entries per section."""
-        used = sum(n for _, n, _ in self.subsets)
-        samples = sum(s for _, _, s in self.subsets)
-        head = (f"data scan: {used} usable images ({samples} samples per epoch) in {len(self.subsets)} subset(s); "
+        train = [(n, s) for name, n, s in self.subsets if name not in self.regularization]
+        reg = [(n, s) for name, n, s in self.subsets if name in self.regularization]
+        used, samples = sum(n for n, _ in train), sum(s for _, s in train)
+        what = f"{used} usable training images ({samples} samples per epoch)"
+        if reg:
+            what += (f" and {sum(n for n, _ in reg)} regularization images ({sum(s for _, s in reg)} with repeats; "
+                     f"{samples} drawn per epoch)")
+        if self.held_out:
+            what += f"; {self.held_out} training images held out for validation"
+        head = (f"data scan: {what} in {len(self.subsets)} subset(s); "
                 f"{len(self.skipped)} skipped, {len(self.caption_errors)} caption problem(s), "
                 f"{len(self.caption_notes)} without caption")
         lines = [head]
         for name, n, s in self.subsets:
-            lines.append(f"  subset {name}: {n} images, {s} samples")
+            kind = "regularization " if name in self.regularization else ""
+            lines.append(f"  subset {name}: {n} {kind}images, {s} samples")
         for title, entries in (("skipped", self.skipped), ("caption problems", self.caption_errors),
                                ("without caption", self.caption_notes)):
             if not entries:

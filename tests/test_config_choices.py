@@ -25,6 +25,7 @@ def _registries() -> dict[str, tuple[object, set]]:
 
     from models.families import FAMILIES
     from models.lora.names import TEXT_ENCODER_PRESETS, UNET_PRESETS
+    from models.quant.formats import MODES
     from models.unet import GRANULARITIES
     from trainer.losses import HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLINGS
     from trainer.objective import PREDICTION_TYPES
@@ -47,6 +48,7 @@ def _registries() -> dict[str, tuple[object, set]]:
         "unet presets": (UNetPreset, set(UNET_PRESETS)),
         "text-encoder presets": (TextEncoderPreset, set(TEXT_ENCODER_PRESETS)),
         "families": (C.BuiltinFamily, builtin),
+        "quantization": (C.QuantizeMode, set(MODES)),
     }
 
 
@@ -67,6 +69,7 @@ def test_config_fields_use_the_choice_literals():
         (C.SampleConfig, "sampler", C.SamplerName), (LoRAOptions, "preset", UNetPreset),
         (C.TrainConfig, "loss", C.LossType), (C.TrainConfig, "huber_schedule", C.HuberSchedule),
         (C.TrainConfig, "timestep_sampling", C.TimestepSampling),
+        (C.ModelConfig, "quantize", C.QuantizeMode), (C.ModelConfig, "quantize_text_encoders", C.QuantizeMode),
     ]
     for cls, name, literal in uses:
         assert _choices(hints[cls][name]) == set(typing.get_args(literal)), f"{cls.__name__}.{name}"

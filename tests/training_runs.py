@@ -14,7 +14,7 @@ EXAMPLES = ROOT / "examples" / "quickstart_data"
 def trainer_env() -> dict:
     """Environment for a trainer subprocess: one thread (tests run two at a time on two cores),
     the repository importable, and no mixed-precision setting inherited from the caller."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("ACCELERATE_MIXED_PRECISION", None)
     return env
 

@@ -1,7 +1,7 @@
 """Typed training configuration: dataclass sections, YAML loading, dotted overrides, validation.
 
 A config file is YAML with one mapping per section (`model`, `lora`, `data`, `train`, `optim`,
-`output`, `sample`); omitted keys keep their defaults. `load_config(path, ["train.max_steps=50"])`
+`output`, `sample`, `validation`); omitted keys keep their defaults. `load_config(path, ["train.max_steps=50"])`
 applies command-line overrides (values parsed as YAML), builds the dataclasses, rejects unknown
 keys and wrong types naming the key path (with the closest valid key as a suggestion) and runs
 the cross-field checks in `check_config` — all before any model is loaded.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import types
@@ -21,8 +22,38 @@ from typing import Any, Literal, Union
 import yaml
 
 from data.config import DataConfig
+from models.lora.options import LoRAOptions
 
+# ---- choices ------------------------------------------------------------------------------------
+# Names a config may use. Each mirrors a registry of the code that runs them (optimizers, samplers,
+# ...); those modules import torch, configs must not, and tests/test_config_choices.py checks that
+# each Literal equals its registry.
 Precision = Literal["fp32", "fp16", "bf16"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+PredictionType = Literal["epsilon", "v_prediction"]
+"""`trainer.objective.PREDICTION_TYPES`."""
+Checkpointing = Literal["block", "layer", "transformer"]
+"""`models.unet.GRANULARITIES`."""
+OptimizerName = Literal["adamw", "adam", "sgd", "adafactor",
+                        "adamw8bit", "adam8bit", "paged_adamw8bit", "lion8bit", "paged_lion8bit",
+                        "prodigy", "adamw_schedulefree"]
+"""`trainer.optim.OPTIMIZERS`."""
+LossType = Literal["mse", "huber", "smooth_l1"]
+"""`trainer.losses.LOSS_TYPES`."""
+HuberSchedule = Literal["constant", "exponential", "snr"]
+"""`trainer.losses.HUBER_SCHEDULES`."""
+TimestepSampling = Literal["uniform", "logit_normal"]
+"""`trainer.losses.TIMESTEP_SAMPLINGS`."""
+SchedulerName = Literal["constant", "linear", "cosine", "cosine_with_restarts"]
+"""`trainer.optim.SCHEDULERS`."""
+SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
+"""`trainer.sampling.samplers.SAMPLER_NAMES`."""
+QuantizeMode = Literal["none", "fp8", "int8", "nf4"]
+"""`models.quant.formats.MODES`."""
+BuiltinFamily = Literal["sd15", "sd2", "sdxl", "tiny-sd15", "tiny-sdxl"]
+"""The families `models.families` registers itself. Plug-ins may register more, so
+`model.family` is a plain string checked against both (see `trainer.config_checks`)."""
+
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 """torch dtype name of each precision name used in configs and on the command line."""
 
@@ -50,15 +81,15 @@ class ModelConfig:
     the quickstart), a hub id (`stabilityai/stable-diffusion-xl-base-1.0`, or `owner/repo/file.safetensors`),
     a diffusers folder or a single `.safetensors` file."""
     family: str | None = None
-    """Model family (`sd15`, `sd2`, `sdxl`, `tiny-sd15`, `tiny-sdxl`) when it cannot be detected from
-    `source`; null = detect."""
+    """Model family (`sd15`, `sd2`, `sdxl`, `tiny-sd15`, `tiny-sdxl`, or one a plug-in registered) when
+    it cannot be detected from `source`; null = detect."""
     dtype: Precision = "fp32"
     """Storage dtype of the frozen base weights. LoRA weights always train in fp32."""
     vae: str | None = None
     """Separate VAE (single file, folder or hub id) replacing the base model's, e.g. an fp16-fix VAE."""
     vae_dtype: Precision | None = None
     """VAE dtype; null = fp32 for SDXL (its VAE overflows in fp16) and `dtype` otherwise."""
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    prediction_type: PredictionType | None = None
     """Override the family's prediction type (null = the family default)."""
     variant: str | None = None
     """Weight variant of a diffusers folder / hub repo (e.g. `fp16`); null = the plain weights."""
@@ -66,45 +97,16 @@ class ModelConfig:
     """Allow `.ckpt`/`.pt`/`.bin` pickle checkpoints (loaded with torch's weights-only unpickler)."""
     seed: int = 0
     """Seed of the random weights when `source` is a family name."""
-
-
-@dataclass
-class LoRAConfig:
-    """Which layers get low-rank adapters and their shape (see `models.inject_lora`)."""
-
-    preset: Literal["attn", "kohya", "locon"] = "kohya"
-    """UNet targets: `attn` (q/k/v/out of every attention), `kohya` (every Linear / 1x1 conv in the
-    transformer blocks), `locon` (kohya + ResBlocks and up/downsampling convs)."""
-    targets: list[str] | None = None
-    """Regexes on UNet module paths (e.g. `attn2\\.to_k`); replaces `preset` when set."""
-    include: list[str] = field(default_factory=list)
-    """Keep only modules whose `<component>.<path>` matches one of these regexes (components
-    `unet`, `te` or `te1`/`te2`)."""
-    exclude: list[str] = field(default_factory=list)
-    """Drop modules whose `<component>.<path>` matches one of these regexes."""
-    rank: int = 16
-    """Rank r of Linear and 1x1-conv adapters."""
-    alpha: float | None = None
-    """LoRA alpha; the update is scaled by alpha / rank. null = rank (scale 1)."""
-    conv_rank: int | None = None
-    """Rank of 3x3-conv adapters (preset `locon`); null = rank."""
-    conv_alpha: float | None = None
-    """Alpha of 3x3-conv adapters; null = conv_rank."""
-    dropout: float = 0.0
-    """Dropout on the rank-r activations during training."""
-    rank_dropout: float = 0.0
-    """Probability of zeroing whole rank channels per sample during training."""
-    module_dropout: float = 0.0
-    """Probability of skipping a whole adapter per step during training."""
-    text_encoders: str = "te"
-    """Text-encoder targets (`te` = attention and MLP Linears, or a regex), used when
-    `train.train_text_encoders` is true."""
-    text_encoder_rank: int | None = None
-    """Rank of text-encoder adapters; null = rank."""
-    text_encoder_alpha: float | None = None
-    """Alpha of text-encoder adapters; null = alpha (or their rank)."""
-    dora: bool = False
-    """Weight-decomposed LoRA (DoRA): also learn a per-input-channel magnitude."""
+    quantize: QuantizeMode = "none"
+    """Storage format of the frozen denoiser's weights: `none` (`dtype`), `fp8` (float8 e4m3 with a
+    scale per output channel, 1 byte/weight), `int8` (per-row absmax, 1 byte) or `nf4` (4-bit
+    NormalFloat, blocks of 64, 0.56 byte). Quantized while loading; each layer dequantizes to
+    `dtype` inside its forward pass. Linear and conv layers with >= 4096 weights are quantized,
+    except the 4-channel latent input/output convs; norms and embeddings keep `dtype`. The LoRA
+    trains and exports as usual (a plain LoRA file); it cannot be merged into the quantized base."""
+    quantize_text_encoders: QuantizeMode = "none"
+    """Storage format of the frozen text encoders' Linear weights (choices as `quantize`). Only
+    when they do not train (`train.train_text_encoders: false`)."""
 
 
 @dataclass
@@ -126,11 +128,11 @@ class TrainConfig:
     resume: str | None = None
     """null = start fresh, `latest` = the newest complete checkpoint of this run (fresh start if
     none), or a checkpoint directory."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     """Autocast precision of the forward pass (`fp16` adds loss scaling). Match `model.dtype`: with
     bf16/fp16 weights and `no`, the fp32 LoRA branches keep fp32 copies of their inputs (about 2x
     the activation memory)."""
-    gradient_checkpointing: bool | Literal["block", "layer", "transformer"] = False
+    gradient_checkpointing: bool | Checkpointing = False
     """Recompute UNet activations in the backward pass to save memory (about +33% compute).
     `true` / `block`: each UNet block as a whole; `layer`: each ResBlock and transformer block
     separately (lowest peak for SDXL at 1024 px); `transformer`: only the transformer blocks."""
@@ -142,10 +144,60 @@ class TrainConfig:
     convolutions on recent GPUs with bf16/fp16)."""
     train_text_encoders: bool = False
     """Also train LoRA adapters on the text encoders (needs `data.cache_text: false`)."""
+    offload_frozen: bool = True
+    """Move the frozen parts that caching made idle to CPU memory once the caches are built: the
+    VAE with `data.cache_latents`, the text encoders with `data.cache_text` (unless they train).
+    They come back to the device only to render sample images. `false` keeps them on the device
+    (faster sampling, about 1.6 GB more for SDXL in bf16)."""
     noise_offset: float = 0.0
     """Std of a per-sample, per-channel constant added to the noise (0 = off; 0.0357 is common)."""
     min_snr_gamma: float | None = None
-    """Min-SNR-gamma loss weighting (5.0 is common); null = plain MSE."""
+    """Min-SNR-gamma loss weighting (5.0 is common); null = no SNR weighting."""
+    loss: LossType = "mse"
+    """Elementwise loss: `mse`; `huber` (2c(sqrt(d^2 + c^2) - c): squared error near 0, linear for
+    large errors) or `smooth_l1` (2(sqrt(d^2 + c^2) - c)), both with threshold c from `huber_c` and
+    `huber_schedule` (kohya's definitions)."""
+    huber_c: float = 0.1
+    """Threshold c of `huber` / `smooth_l1` in (0, 1] (see `huber_schedule`)."""
+    huber_schedule: HuberSchedule = "snr"
+    """How c varies with the timestep t: `constant` (c), `exponential` (c^(t/1000): 1 at t = 0 down
+    to c) or `snr` ((1 - c) / (1 + sigma_t)^2 + c with sigma_t = sqrt((1 - abar_t) / abar_t))."""
+    debiased_estimation: bool = False
+    """Weight each sample's loss by 1/sqrt(snr) (v-prediction: 1/(snr + 1)), snr capped at 1000
+    (debiased estimation). Not with `min_snr_gamma`."""
+    timestep_sampling: TimestepSampling = "uniform"
+    """How training timesteps are drawn in [timestep_min, timestep_max): `uniform`, or
+    `logit_normal` (u = sigmoid(N(logit_mean, logit_std)), t = min + floor(u (max - min)))."""
+    logit_mean: float = 0.0
+    """Mean of the normal behind `logit_normal` timestep sampling (> 0 favours noisier timesteps)."""
+    logit_std: float = 1.0
+    """Std of the normal behind `logit_normal` timestep sampling (> 0)."""
+    timestep_shift: float = 1.0
+    """Shift s of the drawn fraction u before it becomes a timestep: u' = s u / (1 + (s - 1) u);
+    s > 1 moves timesteps towards noise, 1 = none. Applies to both samplings."""
+    multires_noise_iterations: int = 0
+    """Pyramid (multi-resolution) noise levels added to the noise (6-10 is common; 0 = off)."""
+    multires_noise_discount: float = 0.3
+    """Weight decay per pyramid-noise level: level i is scaled by discount^i (0 < discount <= 1)."""
+    ip_noise_gamma: float = 0.0
+    """Input perturbation: the model input is made with noise + gamma * extra noise while the target
+    keeps the plain noise (0.1 is common; 0 = off)."""
+    prior_loss_weight: float = 1.0
+    """Loss weight of regularization images (`data.subsets[].is_reg`) relative to training images."""
+    masked_loss: bool = False
+    """Weight the per-pixel loss by a mask: `<image stem>-masklabel.png` beside each image (white =
+    learn, black = ignore, grey between), or the alpha channel with `data.alpha_mask`. Images
+    without a mask are learnt whole."""
+    unmasked_weight: float = 0.0
+    """Loss weight of the pixels a mask ignores, in [0, 1] (0 = ignored completely)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the adapter weights, ema = decay * ema + (1 - decay) *
+    weights every `ema_every` steps, exported as `<name>-ema.safetensors`; null = off. 0 <= decay
+    < 1 (0 = the EMA equals the current weights; 0.999 averages over about 1000 updates)."""
+    ema_every: int = 1
+    """Update the EMA every N optimizer steps."""
+    ema_on_cpu: bool = False
+    """Keep the EMA weights in CPU memory (saves accelerator memory; slower updates)."""
     timestep_min: int = 0
     """Smallest training timestep (inclusive)."""
     timestep_max: int = 1000
@@ -163,15 +215,21 @@ class TrainConfig:
     cpu_threads: int | None = None
     """Intra-op threads of torch on the CPU (null = torch's default, one per core). Small models
     train fastest with 1, and so does any model when other processes share the cores."""
+    distributed_timeout_minutes: int = 120
+    """Multi-process runs: how long a process waits at a barrier or collective before the run
+    aborts. Other processes wait while the main one builds the dataset and the text cache, so
+    this must cover that (accelerate's default is 10)."""
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = "adamw"
-    """One of adamw, adam, sgd, adafactor (torch) or adamw8bit, adam8bit, paged_adamw8bit,
-    lion8bit, paged_lion8bit (bitsandbytes)."""
+    name: OptimizerName = "adamw"
+    """One of adamw, adam, sgd, adafactor (torch), adamw8bit, adam8bit, paged_adamw8bit,
+    lion8bit, paged_lion8bit (bitsandbytes), prodigy (package `prodigyopt`: learns the step size,
+    use lr 1.0) or adamw_schedulefree (package `schedulefree`: no schedule needed; its warmup is
+    `warmup_steps`)."""
     lr: float = 1e-4
     """Learning rate of the UNet adapters."""
     te_lr: float | None = None
@@ -184,7 +242,7 @@ class OptimConfig:
     """Adam epsilon."""
     momentum: float = 0.0
     """SGD momentum."""
-    scheduler: str = "constant"
+    scheduler: SchedulerName = "constant"
     """constant, linear, cosine or cosine_with_restarts (all after linear warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -192,6 +250,31 @@ class OptimConfig:
     """Cosine cycles for cosine_with_restarts."""
     min_lr_ratio: float = 0.0
     """Floor of the decaying schedules as a fraction of the peak rate."""
+    d0: float = 1e-6
+    """Prodigy: initial estimate of the step size D."""
+    d_coef: float = 1.0
+    """Prodigy: multiplier of the estimated step size (below 1 = more careful)."""
+    growth_rate: float | None = None
+    """Prodigy: largest factor by which D may grow per step; null = unbounded."""
+    use_bias_correction: bool = False
+    """Prodigy: Adam-style bias correction of the step size."""
+    safeguard_warmup: bool = False
+    """Prodigy: keep D from growing too fast during an LR warmup."""
+    beta3: float | None = None
+    """Prodigy: decay of the step-size estimate's averages; null = sqrt(beta2)."""
+    lora_plus_ratio: float | None = None
+    """LoRA+: the up (B) matrices learn at ratio x the rate of the down (A) matrices (16 is
+    common); null = one rate."""
+    down_lr_weight: float | list[float] | None = None
+    """Learning-rate multiplier of the UNet input (down) blocks: one number for all, or one per block
+    IN00, IN01, ... (see "UNet blocks" below); 0 = that block is not trained."""
+    mid_lr_weight: float | None = None
+    """Learning-rate multiplier of the UNet middle block (MID)."""
+    up_lr_weight: float | list[float] | None = None
+    """Learning-rate multiplier of the UNet output (up) blocks: one number, or one per block OUT00, ..."""
+    block_lr_weight: list[float] | None = None
+    """Per-block form: one multiplier per UNet block in the order IN00.., MID, OUT00.. (25 values for
+    SD1.5/SD2, 19 for SDXL); not together with the down/mid/up keys."""
 
 
 @dataclass
@@ -208,6 +291,14 @@ class OutputConfig:
     """Allow starting fresh in a run directory that already has checkpoints (they are deleted)."""
     tensorboard: bool = True
     """Write tensorboard event files under `<run>/logs`."""
+    break_lock: bool = False
+    """Take over the run directory's lock (`<run>/.lock`) even when it names a run on another
+    machine, whose liveness cannot be checked (see docs/reliability.md). Only when that run is gone."""
+    wandb: str | None = None
+    """Also log to Weights & Biases under this project (package `wandb`, `pip install
+    'lorasmith[wandb]'`): the tensorboard scalars and sample images; null = off."""
+    wandb_name: str | None = None
+    """Weights & Biases run name; null = `name`. A resumed run continues the same wandb run."""
 
 
 @dataclass
@@ -222,14 +313,35 @@ class SampleConfig:
     """Render every N steps (0 = only at the end when prompts are given)."""
     steps: int = 20
     """Sampler steps per image."""
-    cfg: float = 7.0
-    """Classifier-free guidance scale."""
-    sampler: str = "euler"
-    """Sampler name of the generation pipeline (e.g. euler, euler_a, ddim, dpmpp_2m)."""
+    guidance_scale: float = 7.0
+    """Classifier-free guidance scale (<= 1 disables guidance). Old name: `cfg`."""
+    sampler: SamplerName = "euler"
+    """Sampler of the generation pipeline."""
     seed: int = 0
     """Seed of the initial noise (fixed so images are comparable across steps)."""
     size: int | None = None
     """Square image side in pixels; null = `data.resolution`."""
+    use_ema: bool = False
+    """Render the images with the EMA weights (`train.ema_decay`) instead of the trained ones."""
+
+
+@dataclass
+class ValidationConfig:
+    """Validation loss on held-out images, at fixed timesteps and fixed noise per image (so values
+    are comparable across steps, runs and resumes): logged as `val/loss` and printed with the step."""
+
+    path: str | None = None
+    """Folder (or dataset) of held-out images, read like `data.path` with the data section's
+    resolution and buckets (no flips, crops or caption randomness)."""
+    split: float = 0.0
+    """Fraction of the training images held out instead (0 < split < 1; the same images for a
+    given `train.seed`; never regularization images); 0 = no split."""
+    every: int = 0
+    """Compute the validation loss every N steps (and at the end); 0 = only at the end."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """Timesteps each validation image is noised at; the loss is the mean over images and these."""
+    seed: int = 0
+    """Seed of the fixed validation noise."""
 
 
 @dataclass
@@ -237,12 +349,13 @@ class Config:
     """A whole training run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -451,6 +564,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     for text in overrides:
         apply_override(raw, *parse_override(text))
     try:
+        _rename_deprecated(raw)
         cfg = build_dataclass(Config, raw)
         if check:
             check_config(cfg)
@@ -459,6 +573,23 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
             raise
         raise ConfigError(f"{path}: {exc}") from None
     return cfg
+
+
+# (section, old key, new key) of renamed keys that are still read, with a warning.
+_RENAMED_KEYS = (("sample", "cfg", "guidance_scale"),)
+
+
+def _rename_deprecated(raw: dict) -> None:
+    """Move renamed keys of `raw` to their new names in place, warning once per key."""
+    for section, old, new in _RENAMED_KEYS:
+        node = raw.get(section)
+        if not isinstance(node, dict) or old not in node:
+            continue
+        if new in node:
+            raise ConfigError(f"{section}.{old}: renamed to {section}.{new}; give only {section}.{new}")
+        logging.getLogger("trainer").warning(
+            "%s.%s is deprecated; rename it to %s.%s (read as that for now)", section, old, section, new)
+        node[new] = node.pop(old)
 
 
 def check_config(cfg: Config) -> None:
@@ -488,5 +619,7 @@ def config_to_dict(cfg) -> dict:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config (every key, defaults included) as YAML."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    Path(path).write_text("# Resolved configuration of this run (defaults filled in).\n" + text)
+    from models.checkpoints.fileio import write_text  # torch-free
+
+    write_text(path, "# Resolved configuration of this run (defaults filled in).\n" + text)
 

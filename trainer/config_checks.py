@@ -9,11 +9,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
+import typing
 
-from .config import Config, ConfigError
-from .optim import OPTIMIZERS, SCHEDULERS
+from .config import BuiltinFamily, Config, ConfigError
 
-FAMILY_NAMES = ("sd15", "sd2", "sdxl", "tiny-sd15", "tiny-sdxl")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?$")
 
 
@@ -34,11 +34,21 @@ def _choice(key: str, value: str, options) -> None:
         _fail(key, f"must be one of {', '.join(options)}, got {value!r}{hint}")
 
 
+def family_names() -> tuple[str, ...]:
+    """Family names a config may use: the built-in ones, plus any a plug-in has registered.
+
+    A plug-in registers through `models.families`, so its registry is only looked at when that
+    module is already imported (importing it here would import torch).
+    """
+    registry = sys.modules.get("models.families.registry")
+    return tuple(dict.fromkeys([*typing.get_args(BuiltinFamily), *getattr(registry, "FAMILIES", {})]))
+
+
 def family_of(cfg: Config) -> str | None:
     """The model family when the config states it (explicitly or as `model.source`), else None."""
     if cfg.model.family is not None:
         return cfg.model.family
-    return cfg.model.source if cfg.model.source in FAMILY_NAMES else None
+    return cfg.model.source if cfg.model.source in family_names() else None
 
 
 def _is_hub_id(value: str) -> bool:
@@ -51,43 +61,40 @@ def _is_hub_id(value: str) -> bool:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
+    families = family_names()
     if m.family is not None:
-        _choice("model.family", m.family, FAMILY_NAMES)
-        if m.source in FAMILY_NAMES and m.family != m.source:
+        _choice("model.family", m.family, families)
+        if m.source in families and m.family != m.source:
             _fail("model.family", f"{m.family!r} contradicts model.source={m.source!r} (a family name); drop "
                   "model.family or make them equal")
     for key, value in (("model.source", m.source), ("model.vae", m.vae)):
-        if value is None or value in FAMILY_NAMES or _is_hub_id(value):
+        if value is None or value in families or _is_hub_id(value):
             continue
         if not os.path.exists(os.path.expanduser(value)):
             _fail(key, f"{value!r} does not exist; give an existing file or folder, a hub id like 'owner/name' "
-                  f"or a family name ({', '.join(FAMILY_NAMES)})")
+                  f"or a family name ({', '.join(families)})")
     mp = cfg.train.mixed_precision
     if m.dtype != "fp32" and mp != m.dtype:
         _fail("train.mixed_precision", f"{mp!r} does not match model.dtype={m.dtype!r}; half-precision base weights need "
               f"train.mixed_precision={m.dtype} (or set model.dtype: fp32)")
+    if m.quantize_text_encoders != "none" and cfg.train.train_text_encoders:
+        _fail("model.quantize_text_encoders", f"{m.quantize_text_encoders!r} is only for frozen text encoders, but "
+              "train.train_text_encoders is true: adapters trained through a quantized encoder would learn its "
+              "rounding error and then be used on full-precision encoders; set it to none")
 
 
 def _check_lora(cfg: Config) -> None:
     lora = cfg.lora
-    for name in ("rank", "conv_rank", "text_encoder_rank"):
-        _at_least(lora, "lora", name, 1)
-    for name in ("alpha", "conv_alpha", "text_encoder_alpha"):
-        value = getattr(lora, name)
-        if value is not None and value <= 0:
-            _fail(f"lora.{name}", f"must be > 0 (or null), got {value}")
-    for name in ("dropout", "rank_dropout", "module_dropout"):
-        value = getattr(lora, name)
-        if not 0.0 <= value < 1.0:
-            _fail(f"lora.{name}", f"must be in [0, 1), got {value}")
-    for name in ("targets", "include", "exclude"):
-        for i, pattern in enumerate(getattr(lora, name) or []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                _fail(f"lora.{name}[{i}]", f"invalid regex {pattern!r}: {exc}")
-    if lora.targets is not None and not lora.targets:
-        _fail("lora.targets", "is an empty list; give regexes or null to use lora.preset")
+    try:
+        lora.check()
+    except ValueError as exc:
+        raise ConfigError(f"lora.{exc}") from None
+    if cfg.train.train_text_encoders:
+        if lora.text_encoders is None:
+            _fail("lora.text_encoders", "is null but train.train_text_encoders is true; give `te` or regexes")
+    elif lora.unet_targets is None:
+        _fail("lora.preset", "is null and lora.targets too, so no layer gets an adapter; choose a preset or set "
+              "train.train_text_encoders: true")
 
 
 def _check_train(cfg: Config) -> None:
@@ -95,6 +102,7 @@ def _check_train(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
         _at_least(t, "train", name, 1)
     _at_least(t, "train", "cpu_threads", 1)
+    _at_least(t, "train", "distributed_timeout_minutes", 1)
     for name in ("save_every", "export_every", "noise_offset"):
         _at_least(t, "train", name, 0)
     if t.min_snr_gamma is not None and t.min_snr_gamma <= 0:
@@ -109,17 +117,63 @@ def _check_train(cfg: Config) -> None:
     if t.train_text_encoders and cfg.data.cache_text:
         _fail("data.cache_text", "cannot be combined with train.train_text_encoders (the text encoders change while "
               "training, so cached embeddings would be stale); set data.cache_text: false")
-    if cfg.lora.text_encoders != "te":
-        try:
-            re.compile(cfg.lora.text_encoders)
-        except re.error as exc:
-            _fail("lora.text_encoders", f"{cfg.lora.text_encoders!r} is neither the preset 'te' nor a regex: {exc}")
+
+
+def prediction_type_of(cfg: Config) -> str | None:
+    """The prediction type training will use, when known before loading (explicit or the family's)."""
+    if cfg.model.prediction_type is not None:
+        return cfg.model.prediction_type
+    family = family_of(cfg)
+    if family is None:
+        return None
+    from models.families import (
+        FAMILIES,  # torch-free: the registry of family declarations
+    )
+
+    spec = FAMILIES.get(family)
+    return None if spec is None else spec.prediction_type
+
+
+def _check_objective(cfg: Config) -> None:
+    """Loss shape, weighting, timestep sampling and noise variants, and how they combine."""
+    t = cfg.train
+    if not 0 < t.huber_c <= 1:
+        _fail("train.huber_c", f"must be in (0, 1] (0.1 is common), got {t.huber_c}")
+    if t.logit_std <= 0:
+        _fail("train.logit_std", f"must be > 0, got {t.logit_std}")
+    if t.timestep_shift <= 0:
+        _fail("train.timestep_shift", f"must be > 0 (1 = no shift), got {t.timestep_shift}")
+    _at_least(t, "train", "multires_noise_iterations", 0)
+    if not 0 < t.multires_noise_discount <= 1:
+        _fail("train.multires_noise_discount", f"must be in (0, 1], got {t.multires_noise_discount}")
+    _at_least(t, "train", "ip_noise_gamma", 0)
+    _at_least(t, "train", "prior_loss_weight", 0)
+    if t.debiased_estimation and t.min_snr_gamma is not None:
+        _fail("train.debiased_estimation", "cannot be combined with train.min_snr_gamma: both weight the loss by the "
+              "SNR; set one of them (debiased_estimation: false or min_snr_gamma: null)")
+    if (t.debiased_estimation and t.zero_terminal_snr and t.timestep_max == 1000
+            and prediction_type_of(cfg) == "epsilon"):
+        _fail("train.debiased_estimation", "with train.zero_terminal_snr and epsilon prediction the last timestep has "
+              "SNR 0, which debiased estimation weighs by 1/sqrt(0); use model.prediction_type: v_prediction, "
+              "train.timestep_max: 999 or drop one of them")
+    if not 0 <= t.unmasked_weight <= 1:
+        _fail("train.unmasked_weight", f"must be in [0, 1], got {t.unmasked_weight}")
+    if cfg.data.alpha_mask and not t.masked_loss:
+        _fail("data.alpha_mask", "chooses where the loss masks come from but train.masked_loss is false; set "
+              "train.masked_loss: true (or data.alpha_mask: false)")
+    if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
+        _fail("train.ema_decay", f"must be in [0, 1) (0.999 is common) or null (no EMA), got {t.ema_decay}")
+    _at_least(t, "train", "ema_every", 1)
+    if t.ema_decay is not None and cfg.optim.name == "adamw_schedulefree":
+        _fail("train.ema_decay", "cannot be combined with optim.name=adamw_schedulefree: schedule-free training already "
+              "averages its weights (its exported weights are that average); set train.ema_decay: null")
+    if cfg.sample.use_ema and t.ema_decay is None:
+        _fail("sample.use_ema", "needs the EMA weights, but train.ema_decay is null; set train.ema_decay (e.g. 0.999) "
+              "or sample.use_ema: false")
 
 
 def _check_optim(cfg: Config) -> None:
-    o = cfg.optim
-    _choice("optim.name", o.name, OPTIMIZERS)
-    _choice("optim.scheduler", o.scheduler, SCHEDULERS)
+    o = cfg.optim  # names (optimizer, scheduler, sampler, ...) are checked by their Literal types
     for name in ("lr", "te_lr", "eps"):
         value = getattr(o, name)
         if value is not None and value <= 0:
@@ -134,6 +188,51 @@ def _check_optim(cfg: Config) -> None:
         _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     if o.warmup_steps > cfg.train.max_steps:
         _fail("optim.warmup_steps", f"{o.warmup_steps} is more than train.max_steps={cfg.train.max_steps}")
+    if o.name == "adamw_schedulefree" and o.scheduler != "constant":
+        _fail("optim.scheduler", f"{o.scheduler!r} cannot be used with optim.name=adamw_schedulefree, which replaces the "
+              "learning-rate schedule (its warmup is optim.warmup_steps); set optim.scheduler: constant")
+    for name in ("d0", "d_coef"):
+        if getattr(o, name) <= 0:
+            _fail(f"optim.{name}", f"must be > 0, got {getattr(o, name)}")
+    if o.growth_rate is not None and o.growth_rate <= 1:
+        _fail("optim.growth_rate", f"must be > 1 or null (unbounded), got {o.growth_rate}")
+    if o.beta3 is not None and not 0 <= o.beta3 < 1:
+        _fail("optim.beta3", f"must be in [0, 1) or null, got {o.beta3}")
+    if o.lora_plus_ratio is not None and o.lora_plus_ratio <= 0:
+        _fail("optim.lora_plus_ratio", f"must be > 0 (16 is common) or null, got {o.lora_plus_ratio}")
+    _check_block_weights(cfg)
+    if o.name == "prodigy":  # prodigyopt refuses parameter groups with different learning rates
+        blocks = [v for n in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_weight")
+                  for v in (getattr(o, n) if isinstance(getattr(o, n), list) else [getattr(o, n)]) if v is not None]
+        uneven = [("optim.te_lr", o.te_lr is not None and o.te_lr != o.lr),
+                  ("optim.lora_plus_ratio", o.lora_plus_ratio not in (None, 1.0)),
+                  ("optim.block_lr_weight" if o.block_lr_weight else "optim.down_lr_weight",
+                   any(v not in (0.0, 1.0) for v in blocks))]
+        for key, bad in uneven:
+            if bad:
+                _fail(key, "gives some adapters another learning rate, which Prodigy (prodigyopt) does not support "
+                      "(it learns one step size for all); drop it, use block multipliers of 0 or 1 only, or "
+                      "another optim.name")
+
+
+def _check_block_weights(cfg: Config) -> None:
+    """Per-block learning-rate multipliers: non-negative, one form at a time. Their lengths depend on
+    the UNet and are checked when the model is built."""
+    o = cfg.optim
+    split = [n for n in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if getattr(o, n) is not None]
+    if o.block_lr_weight is not None and split:
+        _fail("optim.block_lr_weight", f"gives every block's multiplier; drop optim.{split[0]} (or use only "
+              "down/mid/up_lr_weight)")
+    for name in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_weight"):
+        value = getattr(o, name)
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(value, list) and not value:
+            _fail(f"optim.{name}", "is an empty list; give one multiplier per block or null")
+        if any(v < 0 for v in values):
+            _fail(f"optim.{name}", f"multipliers must be >= 0 (0 = the block is not trained), got {value}")
+    if cfg.lora.preset is None and cfg.lora.targets is None and (split or o.block_lr_weight is not None):
+        _fail("optim." + (split[0] if split else "block_lr_weight"), "weighs UNet blocks but no UNet layer gets an "
+              "adapter (lora.preset is null)")
 
 
 def _check_data_and_family(cfg: Config) -> None:
@@ -141,11 +240,21 @@ def _check_data_and_family(cfg: Config) -> None:
         cfg.data.check_sources()
     except ValueError as exc:
         raise ConfigError(f"data.{exc}") from None
+    limit = cfg.data.cache_memory_limit
+    if limit is not None and not 0 < limit <= 1:
+        _fail("data.cache_memory_limit", f"must be in (0, 1] (a share of the available memory) or null (no limit), "
+              f"got {limit}")
     family = family_of(cfg)
     if family is None:
         return
-    if family == "sdxl" and cfg.data.resolution < 512:
-        _fail("data.resolution", f"{cfg.data.resolution} is too small for SDXL (trained at 1024 px); use 1024 (or at least 512)")
+    from models.families import (
+        FAMILIES,  # torch-free: the registry of family declarations
+    )
+
+    spec = FAMILIES.get(family)
+    if spec is not None and cfg.data.resolution < spec.resolution // 2:
+        _fail("data.resolution", f"{cfg.data.resolution} is too small for {spec.title} (trained at {spec.resolution} "
+              f"px); use {spec.resolution} (or at least {spec.resolution // 2})")
     # Pixel sizes only need to be multiples of 8 (the VAE's block; data.config checks those): the
     # UNet takes any latent size, as diffusers' does.
     size = cfg.sample.size
@@ -157,16 +266,36 @@ def _check_sample_output(cfg: Config) -> None:
     s = cfg.sample
     _at_least(s, "sample", "every", 0)
     _at_least(s, "sample", "steps", 1)
-    _at_least(s, "sample", "cfg", 0)
+    _at_least(s, "sample", "guidance_scale", 0)
     _at_least(s, "sample", "size", 8)
-    from .sampling.samplers import SAMPLER_NAMES
-
-    _choice("sample.sampler", s.sampler, SAMPLER_NAMES)
     if s.every and not s.prompts:
         _fail("sample.every", "is set but sample.prompts is empty; add prompts or set sample.every: 0")
     name = cfg.output.name
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         _fail("output.name", f"{name!r} must be a plain file name (no directories); put directories in output.dir")
+    for key in ("wandb", "wandb_name"):
+        value = getattr(cfg.output, key)
+        if value is not None and not value.strip():
+            _fail(f"output.{key}", "is empty; give a name or null")
+
+
+def _check_validation(cfg: Config) -> None:
+    v = cfg.validation
+    if v.path is not None and v.split:
+        _fail("validation.split", "cannot be combined with validation.path (held-out images come from one of them); "
+              "set validation.split: 0 or validation.path: null")
+    if not 0 <= v.split < 1:
+        _fail("validation.split", f"must be a fraction in [0, 1) of the training images (0.1 is common), got {v.split}")
+    _at_least(v, "validation", "every", 0)
+    if v.every and v.path is None and not v.split:
+        _fail("validation.every", "is set but there are no validation images; set validation.path or validation.split")
+    if v.path is not None and not _is_hub_id(v.path) and not os.path.exists(os.path.expanduser(v.path)):
+        _fail("validation.path", f"{v.path!r} does not exist; give a folder of held-out images or a dataset")
+    if not v.timesteps:
+        _fail("validation.timesteps", "is empty; give the timesteps to measure at, e.g. [100, 300, 500, 700, 900]")
+    bad = [t for t in v.timesteps if not 0 <= t < 1000]
+    if bad:
+        _fail("validation.timesteps", f"timesteps must lie in [0, 1000), got {bad}")
 
 
 def check_config(cfg: Config) -> None:
@@ -174,6 +303,8 @@ def check_config(cfg: Config) -> None:
     _check_model(cfg)
     _check_lora(cfg)
     _check_train(cfg)
+    _check_objective(cfg)
     _check_optim(cfg)
     _check_sample_output(cfg)
+    _check_validation(cfg)
     _check_data_and_family(cfg)

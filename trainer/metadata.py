@@ -13,8 +13,9 @@ from .config import Config, config_to_dict
 
 def training_metadata(cfg: Config, *, step: int, epoch: int, num_images: int, batches_per_epoch: int,
                       world: int, prediction_type: str, bucket_counts: dict, family: str,
-                      losses: list[float]) -> dict[str, str]:
-    """String metadata for `LoRANetwork.save` describing a run at `step` (all values are text)."""
+                      losses: list[float], num_reg_images: int = 0, weights: str = "trained") -> dict[str, str]:
+    """String metadata for `LoRANetwork.save` describing a run at `step` (all values are text).
+    `weights`: which weights the file holds, "trained" or "ema" (`lorasmith.weights`)."""
     t, o, d = cfg.train, cfg.optim, cfg.data
     subsets = d.resolved_subsets()
     return {
@@ -34,6 +35,13 @@ def training_metadata(cfg: Config, *, step: int, epoch: int, num_images: int, ba
         "ss_keep_tokens": str(d.keep_tokens), "ss_sd_model_name": cfg.model.source,
         "ss_bucket_info": json.dumps({f"{w}x{h}": n for (w, h), n in bucket_counts.items()}),
         "ss_training_finished_at": str(int(time.time())),
+        "ss_num_reg_images": str(num_reg_images), "ss_prior_loss_weight": f"{t.prior_loss_weight:g}",
+        "ss_masked_loss": str(t.masked_loss), "ss_loss_type": "l2" if t.loss == "mse" else t.loss,
+        "ss_huber_schedule": t.huber_schedule, "ss_huber_c": f"{t.huber_c:g}",
+        "ss_debiased_estimation": str(t.debiased_estimation), "ss_ip_noise_gamma": f"{t.ip_noise_gamma:g}",
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations),
+        "ss_multires_noise_discount": f"{t.multires_noise_discount:g}",
+        "lorasmith.weights": weights,
         "lorasmith.family": family,
         "lorasmith.final_loss": f"{losses[-1]:.6g}" if losses else "",
         "lorasmith.config": json.dumps(config_to_dict(cfg)),

@@ -12,42 +12,46 @@ noise it would in a single process, and only the main process writes files.
 Device syncs: per-step losses stay on the device and are read at log intervals; non-finite
 losses/gradients are recorded on the device and checked at log, checkpoint and export points,
 so a checkpoint is written only when every step before it was finite.
+
+Recipe options beyond plain LoRA training live in their own modules: loss variants and noise in
+`objective`/`losses`, regularization images and masks in `data`, EMA in `ema`, the weights that
+samples/exports/checkpoints read (schedule-free, EMA) in `weights`, the validation loss in
+`validation_loss`, the run directory and stop signals in `run_control`.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import shutil
 import signal
-import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .checkpoint import CheckpointManager, layout_mismatch
 from .config import Config, save_config, torch_dtype
+from .denoiser import Denoiser
 from .metadata import training_metadata
 from .monitor import TrainingMonitor
 from .objective import DiffusionObjective, sample_seed, to_device
 from .optim import build_optimizer, build_scheduler
-from .schedule import NoiseSchedule
+from .run_control import (
+    StopSignals,
+    TrainingError,
+    lost_peer,
+    prepare_run_dir,
+    summary_lines,
+)
 from .samples import render_samples
+from .schedule import NoiseSchedule
+from .weights import TrainingWeights
 
 log = logging.getLogger("trainer")
 
 _LATENT_SEED_OFFSET = 0x1A7E  # separates latent-sampling seeds from noise/timestep seeds
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss, impossible device setup); printed without traceback."""
-
-    user_facing = True
+_TEXT_CACHE_KEYS = ("context", "pooled")  # conditioning tensors the text cache stores per caption
 
 
 @dataclass
@@ -73,31 +77,6 @@ class TrainSummary:
         return 128 + self.signal if self.signal else 1
 
 
-class Denoiser(nn.Module):
-    """The trained computation as one module, so DDP sees every adapter: optional text encoding
-    (when the text encoders train), SDXL micro-conditioning, then the UNet.
-
-    forward(noisy (B,4,h,w), timesteps (B,), context (B,77,D) | None, pooled (B,P) | None,
-    token_ids list[(B,77)] | None, time_ids (B,6) | None) -> prediction (B,4,h,w).
-    """
-
-    def __init__(self, bundle, encode_text: bool) -> None:
-        super().__init__()
-        self.unet = bundle.unet
-        self.text_encoders = nn.ModuleList(bundle.text_encoders if encode_text else [])
-        object.__setattr__(self, "bundle", bundle)  # not a submodule: parts are registered above
-
-    def forward(self, noisy, timesteps, context=None, pooled=None, token_ids=None, time_ids=None):
-        if token_ids is not None:
-            context, pooled = self.bundle.encode_tokens(token_ids)
-        y = None
-        if self.bundle.spec.is_sdxl:
-            from models.unet import sdxl_vector
-
-            y = sdxl_vector(pooled, time_ids.to(pooled.device))
-        return self.unet(noisy.to(self.unet.dtype), timesteps, context, y)
-
-
 class LoRATrainingRecipe:
     """Set up and run a LoRA training run described by `cfg` (see module docstring)."""
 
@@ -107,23 +86,32 @@ class LoRATrainingRecipe:
         self.run_dir = cfg.run_dir
         self.step = 0
         self.loss_history: list[float] = []
-        self._stop_signal: int | None = None
         self._is_setup = False
 
     # ================================================================================ setup ==
     def setup(self) -> None:
         from data.dataset import build_dataset
+        from data.masks import MaskSettings
 
-        cfg = self.cfg
+        from .monitor import import_wandb
+        from .optim import require_optimizer
+
+        cfg, t = self.cfg, self.cfg.train
+        require_optimizer(cfg.optim.name)  # a missing optional package fails before anything loads
+        if cfg.output.wandb:
+            import_wandb()
         self._setup_accelerator()
-        self._prepare_run_dir()
-        self._seed_everything(cfg.train.seed)
+        self.run_lock = prepare_run_dir(cfg, self.run_dir, is_main=self.is_main, world=self.world)
+        self._seed_everything(t.seed)
+        self.masks = (MaskSettings("alpha" if cfg.data.alpha_mask else "sidecar", allow_empty=t.unmasked_weight > 0)
+                      if t.masked_loss else None)
         with self.accelerator.main_process_first():  # unusable data fails before any model loads
-            self.dataset = build_dataset(cfg.data, seed=cfg.train.seed, log_summary=self.is_main)
+            self.dataset = build_dataset(cfg.data, seed=t.seed, log_summary=self.is_main, masks=self.masks,
+                                         holdout=cfg.validation.split)
         self.bundle = self._build_bundle()
         self._inject_lora()
-        self._setup_data()
         self._setup_objective()
+        self._setup_data()
         self._setup_optimizer()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, is_main=self.is_main,
                                       rank=self.accelerator.process_index, barrier=self.accelerator.wait_for_everyone)
@@ -140,12 +128,12 @@ class LoRATrainingRecipe:
         cpu = t.device == "cpu" or not torch.cuda.is_available()
         if t.mixed_precision == "fp16" and cpu:
             raise TrainingError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
-        handlers = []
-        if self.cfg.lora.module_dropout > 0:
-            from accelerate.utils import DistributedDataParallelKwargs
+        from datetime import timedelta
 
-            # Module dropout skips whole adapters in a step; DDP must not wait for their gradients.
-            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Other processes wait at barriers while the main one builds the dataset and text cache.
+        handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=t.distributed_timeout_minutes))]
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                                        cpu=cpu, kwargs_handlers=handlers)
         self.device = self.accelerator.device
@@ -155,25 +143,11 @@ class LoRATrainingRecipe:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
 
-    def _prepare_run_dir(self) -> None:
-        cfg = self.cfg
-        ckpt_dir = self.run_dir / "checkpoints"
-        existing = CheckpointManager(ckpt_dir).list() if cfg.train.resume is None else []
-        if existing and not cfg.output.overwrite:  # every process raises, so none waits for the others
-            raise TrainingError(
-                f"{self.run_dir} already has checkpoints (latest step {existing[-1][0]}); resume with "
-                "train.resume=latest, start over with output.overwrite=true, or pick another output.name")
-        if self.is_main:
-            try:  # a full or read-only output directory fails here, before the model is loaded
-                if existing:
-                    shutil.rmtree(ckpt_dir)
-                    shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                tempfile.TemporaryFile(dir=self.run_dir).close()  # can we write there?
-            except OSError as exc:
-                raise TrainingError(f"cannot write to the run directory {self.run_dir} ({exc.strerror or exc}); make "
-                                    "it writable or set output.dir to another folder") from None
-        self.accelerator.wait_for_everyone()
+    def _release_run_lock(self) -> None:
+        """Let the next run use the run directory (idempotent)."""
+        lock = getattr(self, "run_lock", None)
+        if lock is not None:
+            lock.release()
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -186,31 +160,15 @@ class LoRATrainingRecipe:
         torch.manual_seed(seed)
 
     def _build_bundle(self):
-        import models
-        from models.bundle import FAMILIES
+        from models.checkpoints.open import open_model
 
         m = self.cfg.model
-        dtype = torch_dtype(m.dtype)
-        if m.source in FAMILIES:
-            if m.family is not None and m.family != m.source:
-                raise TrainingError(f"model.family={m.family!r} contradicts model.source={m.source!r}")
-            bundle = models.build_model(m.source, device="cpu", dtype=dtype, seed=m.seed)
-            if m.prediction_type is not None:
-                bundle.spec = dataclasses.replace(bundle.spec, prediction_type=m.prediction_type)
-            if m.vae is not None:
-                raise TrainingError("model.vae replaces the VAE of a loaded checkpoint; it cannot be used with a "
-                                    "random-weight family source")
-        else:
-            bundle = models.load_model(m.source, family=m.family, dtype=dtype, vae=m.vae, variant=m.variant,
-                                       allow_pickle=m.allow_pickle, prediction_type=m.prediction_type)
-        vae_dtype = m.vae_dtype or ("fp32" if getattr(bundle.vae.config, "force_upcast", False) else m.dtype)
-        bundle.vae.to(dtype=torch_dtype(vae_dtype))
-        bundle.to(device=self.device)
-        bundle.requires_grad_(False)
-        for module in bundle.modules().values():
-            module.eval()  # frozen base: no dropout; adapters switch to train mode below
+        bundle = open_model(m.source, family=m.family, dtype=torch_dtype(m.dtype), device=self.device, vae=m.vae,
+                            vae_dtype=torch_dtype(m.vae_dtype) if m.vae_dtype else None, variant=m.variant,
+                            allow_pickle=m.allow_pickle, prediction_type=m.prediction_type, seed=m.seed,
+                            quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders)
         if granularity := self.cfg.train.gradient_checkpointing:
-            bundle.unet.set_gradient_checkpointing(True, "block" if granularity is True else granularity)
+            bundle.denoiser.set_gradient_checkpointing(True, "block" if granularity is True else granularity)
         return bundle
 
     def _inject_lora(self) -> None:
@@ -220,12 +178,7 @@ class LoRATrainingRecipe:
         torch.manual_seed(t.seed)  # identical adapter init on every process and on resume
         try:
             self.network = models.inject_lora(
-                self.bundle, unet=lora.targets if lora.targets is not None else lora.preset,
-                text_encoders=lora.text_encoders if t.train_text_encoders else None, rank=lora.rank,
-                alpha=lora.alpha, conv_rank=lora.conv_rank, conv_alpha=lora.conv_alpha, dropout=lora.dropout,
-                rank_dropout=lora.rank_dropout, module_dropout=lora.module_dropout, dora=lora.dora,
-                include=lora.include, exclude=lora.exclude, text_encoder_rank=lora.text_encoder_rank,
-                text_encoder_alpha=lora.text_encoder_alpha)
+                self.bundle, options=lora, text_encoders=lora.text_encoders if t.train_text_encoders else None)
         except ValueError as exc:
             raise TrainingError(f"lora: {exc}") from None
         self.network.to(self.device)
@@ -242,6 +195,10 @@ class LoRATrainingRecipe:
         d, t = self.cfg.data, self.cfg.train
         acc = self.accelerator
         model_id = self._model_id()
+        if d.cache_dir is None and (d.cache_latents or d.cache_text):
+            from .data_setup import check_memory_cache
+
+            check_memory_cache(self.dataset, self.bundle, d, is_main=self.is_main, world=self.world, log=self._log)
         if d.cache_latents:
             cache = LatentCache(d.cache_dir, model_id + ":vae", dtype=d.cache_dtype)
             vae = self.bundle.vae
@@ -251,19 +208,30 @@ class LoRATrainingRecipe:
                 acc.wait_for_everyone()
             cache.build(self.dataset, encode, progress=self.is_main)
         if d.cache_text:
-            cache = TextCache(d.cache_dir, model_id + ":text", dtype=d.cache_dtype)
+            quant = self.cfg.model.quantize_text_encoders  # embeddings of quantized encoders differ
+            cache = TextCache(d.cache_dir, model_id + ":text" + (f":{quant}" if quant != "none" else ""),
+                              dtype=d.cache_dtype)
             with acc.main_process_first():
                 cache.build(self.dataset, self._encode_captions, train_text_encoder=t.train_text_encoders,
                             progress=self.is_main)
-        if not self.cfg.sample.prompts:
-            # Cached parts are not needed on the accelerator any more (frees ~1.6 GB for SDXL).
+        from .validation_loss import build_validation
+
+        self.validation = build_validation(self.cfg, self.dataset.held_out, self.bundle, self.objective, self.masks,
+                                           device=self.device, rank=self.rank, world=self.world, log=self._log)
+        if t.offload_frozen:
+            # Cached parts are not needed on the accelerator any more (frees ~1.6 GB for SDXL);
+            # sample rendering brings them back for its duration.
             if d.cache_latents:
                 self.bundle.vae.to("cpu")
             if d.cache_text and not t.train_text_encoders:
                 for te in self.bundle.text_encoders:
                     te.to("cpu")
+        from data.loader import TokenizeCaptions
+
+        # Uncached text: token ids are made at collate time and reach the device pinned and prefetched.
         self.loader = build_dataloader(self.dataset, t.batch_size, seed=t.seed, rank=self.rank, world_size=self.world,
-                                       num_workers=d.num_workers, device=self.device)
+                                       num_workers=d.num_workers, device=self.device,
+                                       tokenize=None if d.cache_text else TokenizeCaptions(self.bundle.tokenizers))
         if len(self.loader) == 0:
             raise TrainingError("the data loader has no batches; add images or lower train.batch_size")
 
@@ -280,19 +248,41 @@ class LoRATrainingRecipe:
         t = self.cfg.train
         self.prediction_type = self.cfg.model.prediction_type or self.bundle.spec.prediction_type
         self.schedule = NoiseSchedule(zero_terminal_snr=t.zero_terminal_snr)
-        self.objective = DiffusionObjective(self.schedule, self.prediction_type, noise_offset=t.noise_offset,
-                                            min_snr_gamma=t.min_snr_gamma, timestep_min=t.timestep_min,
-                                            timestep_max=t.timestep_max)
+        try:
+            self.objective = DiffusionObjective(
+                self.schedule, self.prediction_type, noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma,
+                timestep_min=t.timestep_min, timestep_max=t.timestep_max, loss=t.loss, huber_c=t.huber_c,
+                huber_schedule=t.huber_schedule, debiased_estimation=t.debiased_estimation,
+                timestep_sampling=t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                timestep_shift=t.timestep_shift, multires_noise_iterations=t.multires_noise_iterations,
+                multires_noise_discount=t.multires_noise_discount, ip_noise_gamma=t.ip_noise_gamma)
+        except ValueError as exc:
+            raise TrainingError(f"train: {exc}") from None
 
     def _setup_optimizer(self) -> None:
-        o = self.cfg.optim
-        groups = self.network.param_groups(o.lr, o.te_lr)
+        from models.lora.blocks import block_lr_weights
+
+        from .ema import AdapterEMA
+
+        o, t = self.cfg.optim, self.cfg.train
+        try:
+            blocks = len(getattr(self.bundle.denoiser, "input_blocks", ()))
+            block_lr = block_lr_weights(blocks, down=o.down_lr_weight, mid=o.mid_lr_weight, up=o.up_lr_weight,
+                                        per_block=o.block_lr_weight)
+            groups = self.network.param_groups(o.lr, o.te_lr, lora_plus_ratio=o.lora_plus_ratio, unet_block_lr=block_lr)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
         self.group_names = [g["name"] for g in groups]
-        optimizer = build_optimizer(groups, o, allow_fused=self.cfg.train.mixed_precision != "fp16")
-        self.scheduler = build_scheduler(optimizer, o, self.cfg.train.max_steps)
-        self.denoiser = Denoiser(self.bundle, encode_text=self.cfg.train.train_text_encoders)
+        optimizer = build_optimizer(groups, o, allow_fused=t.mixed_precision != "fp16")
+        self.scheduler = build_scheduler(optimizer, o, t.max_steps)
+        self.denoiser = Denoiser(self.bundle, encode_text=t.train_text_encoders)
         self.model, self.optimizer = self.accelerator.prepare(self.denoiser, optimizer)
         self.trainable = [p for g in groups for p in g["params"]]
+        ema = None
+        if t.ema_decay is not None:
+            ema = AdapterEMA(self.network.named_parameters(), t.ema_decay, t.ema_every,
+                             device="cpu" if t.ema_on_cpu else None)
+        self.weights = TrainingWeights(self.network, self.optimizer, ema)
 
     def _resume(self) -> int:
         path = self.ckpt.resolve(self.cfg.train.resume)
@@ -309,6 +299,9 @@ class LoRATrainingRecipe:
         self.scheduler.load_state_dict(ck.scheduler)
         if ck.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(ck.scaler)
+        notice = self.weights.restore(ck.extra)
+        if notice:
+            self._log(notice)
         if ck.rng is not None:
             from .checkpoint import restore_rng
 
@@ -321,16 +314,39 @@ class LoRATrainingRecipe:
 
     # ================================================================================ train ==
     def run(self) -> TrainSummary:
-        """setup() (if needed), then train(); always releases the progress bar and log files."""
-        if not self._is_setup:
-            self.setup()
-        return self.train()
+        """setup() (if needed), then train(); always releases the progress bar, log files and the
+        run directory's lock."""
+        try:
+            if not self._is_setup:
+                self.setup()
+            return self.train()
+        except RuntimeError as exc:
+            reason = lost_peer(exc) if getattr(self, "world", 1) > 1 else None
+            if reason is None:
+                raise
+            ckpt = getattr(self, "ckpt", None)
+            last = ckpt.latest() if ckpt is not None else None
+            keep = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
+            raise TrainingError(f"another process of this {self.world}-process run stopped or lost its connection "
+                                f"({reason}); {keep}. Look for the cause in the other processes' output, then "
+                                "continue with train.resume=latest") from exc
+        finally:
+            self._release_run_lock()
 
     def train(self) -> TrainSummary:
         cfg, t = self.cfg, self.cfg.train
         samples_per_step = t.batch_size * t.grad_accum * self.world
+        wandb = None
+        if cfg.output.wandb and self.is_main:
+            from .config import config_to_dict
+            from .monitor import WandbRun
+
+            wandb = WandbRun(cfg.output.wandb, cfg.output.wandb_name or cfg.output.name, self.run_dir / "logs",
+                             config_to_dict(cfg))
         self.monitor = TrainingMonitor(self.run_dir / "logs" if cfg.output.tensorboard else None, t.max_steps,
-                                       self.start_step, samples_per_step, self.device, enabled=self.is_main)
+                                       self.start_step, samples_per_step, self.device, enabled=self.is_main,
+                                       wandb=wandb)
+        self.stop = StopSignals(self.monitor.write, self.is_main, self.world, self.device)
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self._pending: list[torch.Tensor] = []
         self._last_grad_norm: torch.Tensor | None = None
@@ -338,7 +354,7 @@ class LoRATrainingRecipe:
         batches = self._batches()
         started = time.perf_counter()
         summary = TrainSummary(completed=False, step=self.step, start_step=self.start_step)
-        restore = self._install_signal_handlers()
+        restore = self.stop.install()
         try:
             while self.step < t.max_steps:
                 self._train_step(batches)
@@ -353,13 +369,15 @@ class LoRATrainingRecipe:
                     self._export(self.run_dir / f"{cfg.output.name}-step{at:08d}.safetensors")
                 if cfg.sample.prompts and cfg.sample.every and at % cfg.sample.every == 0 and not last:
                     self._sample_images()
+                if self.validation is not None and (last or cfg.validation.every and at % cfg.validation.every == 0):
+                    self._validate()
                 if t.save_every and at % t.save_every == 0 and not last:
                     self._save_checkpoint()
-                if self._should_stop(at % t.log_every == 0):
+                if self.stop.should_stop(at % t.log_every == 0):
                     self._flush_logs()
                     summary.checkpoint = self._save_checkpoint()
-                    name = signal.Signals(self._stop_signal).name
-                    summary.signal = int(self._stop_signal)
+                    name = signal.Signals(self.stop.signal).name
+                    summary.signal = int(self.stop.signal)
                     summary.stopped = f"interrupted by {name} at step {self.step}"
                     self._log(f"{summary.stopped}; checkpoint saved to {summary.checkpoint}; continue with "
                               "train.resume=latest")
@@ -374,6 +392,7 @@ class LoRATrainingRecipe:
         finally:
             restore()
             self.monitor.close()
+            self._release_run_lock()
         summary.step = self.step
         summary.losses = list(self.loss_history)
         summary.seconds = time.perf_counter() - started
@@ -416,6 +435,8 @@ class LoRATrainingRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.weights.ema is not None:
+            self.weights.ema.update(self.step + 1)
         step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
         bad = ~torch.isfinite(step_loss)
         self._last_grad_norm = grad_norm.detach()
@@ -431,19 +452,31 @@ class LoRATrainingRecipe:
         latents = self._latents(batch, index)
         b = latents.shape[0]
         ids = [index * t.batch_size + i for i in range(b)]
-        noise, timesteps = self.objective.sample(latents.shape[1:], ids, t.seed, self.device)
-        noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
+        noise, timesteps, input_noise = self.objective.draw(latents.shape[1:], ids, t.seed, self.device)
+        noisy, target = self.objective.noisy_and_target(latents, noise, timesteps, input_noise)
+        if t.channels_last:  # as the weights (`_inject_lora`), or the first conv converts it every step
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         kwargs = {"time_ids": batch["add_time_ids"].to(self.device)}
-        if "context" in batch and batch["context"] is not None:
-            kwargs["context"] = batch["context"].to(self.device)
-            kwargs["pooled"] = batch.get("pooled")
-        elif t.train_text_encoders:
-            kwargs["token_ids"] = self.bundle.tokenize(batch["caption"])
+        if batch.get("context") is not None:  # cached text conditioning
+            kwargs["cond"] = {k: batch[k].to(self.device) for k in _TEXT_CACHE_KEYS if batch.get(k) is not None}
         else:
-            with torch.no_grad():
-                kwargs["context"], kwargs["pooled"] = self.bundle.encode_prompt(batch["caption"])
+            token_ids = batch["token_ids"]  # tokenized by the data loader (`_setup_data`)
+            if t.train_text_encoders:
+                kwargs["token_ids"] = token_ids
+            else:
+                with torch.no_grad():
+                    kwargs["cond"] = self.bundle.conditioning(token_ids)
         pred = self.model(noisy, timesteps, **kwargs)
-        return self.objective.loss(pred, target, timesteps)
+        weights = {}
+        if "mask" in batch:  # (B, 1, H, W) from pixels or (B, 1, h, w) from the latent cache
+            from data.masks import to_latent_grid
+
+            mask = to_latent_grid(batch["mask"].to(self.device, torch.float32), tuple(latents.shape[-2:]))
+            weights["pixel_weights"] = t.unmasked_weight + (1.0 - t.unmasked_weight) * mask
+        if self.dataset.regularization is not None:  # no host sync: a where on the device
+            prior = torch.full((b,), float(t.prior_loss_weight), device=self.device)
+            weights["sample_weights"] = torch.where(batch["is_reg"].to(self.device), prior, torch.ones_like(prior))
+        return self.objective.loss(pred, target, timesteps, **weights)
 
     @torch.no_grad()
     def _latents(self, batch: dict, index: int) -> torch.Tensor:
@@ -474,13 +507,15 @@ class LoRATrainingRecipe:
         self.loss_history.extend(values)
         self._check_finite()
         grad_norm = None if self._last_grad_norm is None else float(self._last_grad_norm)
-        lrs = dict(zip(self.group_names, self.scheduler.get_last_lr()))
+        groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups  # Prodigy steps by d x lr
+        lrs = {n: lr * g.get("d", 1.0) for n, lr, g in zip(self.group_names, self.scheduler.get_last_lr(), groups)}
         self.monitor.log(self.step, values, lrs, grad_norm)
 
     def _check_finite(self) -> None:
         bad = self._first_bad
-        if self.world > 1:
-            bad = self.accelerator.reduce(bad.clone(), "max")
+        if self.world > 1:  # torch's all-reduce: only recent accelerate releases have reduce(..., "max")
+            bad = bad.clone()
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         first = int(bad)
         if first >= 0:
             last = self.ckpt.latest()
@@ -493,19 +528,28 @@ class LoRATrainingRecipe:
         if self.step == self._last_saved and self.ckpt.latest() is not None:
             return self.ckpt.latest()
         self._check_finite()
-        path = self.ckpt.save(
-            self.step, weights=self.network.state_dict(), optimizer=self.optimizer, scheduler=self.scheduler,
+        from functools import partial
+
+        path = self.weights.save_checkpoint(partial(
+            self.ckpt.save, self.step, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.accelerator.scaler,
             trainer_state={"data": self.loader.state_dict(), "epoch": self.loader.epoch},
-            meta={"loss": self.loss_history[-1] if self.loss_history else None, "epoch": self.loader.epoch})
+            meta={"loss": self.loss_history[-1] if self.loss_history else None, "epoch": self.loader.epoch}))
         self._last_saved = self.step
         return path
 
     def _export(self, path: Path) -> Path:
+        """Write the LoRA (the weights to use) to `path` and, with EMA, `<stem>-ema.safetensors` beside it."""
         self._check_finite()
         if self.is_main:
             try:
-                self.network.save(path, dtype=torch_dtype(self.cfg.output.export_dtype), metadata=self._export_metadata())
+                dtype = torch_dtype(self.cfg.output.export_dtype)
+                with self.weights.for_use():
+                    self.network.save(path, dtype=dtype, metadata=self._export_metadata())
+                if self.weights.ema is not None:
+                    with self.weights.ema.swapped():
+                        self.network.save(path.with_name(f"{path.stem}-ema{path.suffix}"), dtype=dtype,
+                                          metadata=self._export_metadata(weights="ema"))
             except OSError as exc:
                 raise TrainingError(f"could not write the LoRA {path} ({exc.strerror or exc}); training state up to "
                                     f"{self.ckpt.latest() or 'the start'} is saved: free disk space or make the "
@@ -514,63 +558,36 @@ class LoRATrainingRecipe:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _export_metadata(self) -> dict[str, str]:
+    def _export_metadata(self, weights: str = "trained") -> dict[str, str]:
         return training_metadata(
-            self.cfg, step=self.step, epoch=self.loader.epoch, num_images=len(self.dataset.records),
-            batches_per_epoch=len(self.loader), world=self.world, prediction_type=self.prediction_type,
-            bucket_counts=self.dataset.bucket_counts(), family=self.bundle.family, losses=self.loss_history,
+            self.cfg, step=self.step, epoch=self.loader.epoch, num_images=self.dataset.count_images(),
+            num_reg_images=self.dataset.count_images(regularization=True), batches_per_epoch=len(self.loader),
+            world=self.world, prediction_type=self.prediction_type, bucket_counts=self.dataset.bucket_counts(),
+            family=self.bundle.family, losses=self.loss_history, weights=weights,
         )
 
     def _sample_images(self) -> None:
         """Render `sample.prompts` with the current LoRA (main process) into a PNG grid + tensorboard."""
         self._check_finite()
         if self.is_main:
-            grid = render_samples(self.bundle, self.network, self.cfg.sample,
-                                  size=self.cfg.sample.size or self.cfg.data.resolution, device=self.device,
-                                  prediction_type=self.prediction_type,
-                                  zero_terminal_snr=self.cfg.train.zero_terminal_snr,
-                                  model_name=self.cfg.model.source, autocast=self.accelerator.autocast())
+            with self.weights.averaged(self.cfg.sample.use_ema):
+                grid = render_samples(self.bundle, self.network, self.cfg.sample,
+                                      size=self.cfg.sample.size or self.cfg.data.resolution, device=self.device,
+                                      prediction_type=self.prediction_type,
+                                      zero_terminal_snr=self.cfg.train.zero_terminal_snr,
+                                      model_name=self.cfg.model.source, autocast=self.accelerator.autocast())
             out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             grid.save(out)
             self.monitor.add_image("samples", grid, self.step)
         self.accelerator.wait_for_everyone()
 
-    def _install_signal_handlers(self):
-        """SIGINT/SIGTERM set a stop flag (checkpoint + clean exit); a second SIGINT aborts."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            if self.is_main:
-                self.monitor.write(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
-                                   "(press Ctrl-C again to abort without saving)")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-
-        def restore():
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
-
-    def _should_stop(self, at_log_step: bool) -> bool:
-        """Whether a stop signal arrived. With several processes the flag is agreed on (one
-        collective) at log steps only, so that every process stops at the same step."""
-        if self.world == 1:
-            return self._stop_signal is not None
-        if not at_log_step:
-            return False
-        flag = torch.tensor([1 if self._stop_signal is not None else 0], device=self.device)
-        stop = int(self.accelerator.reduce(flag, "max")) > 0
-        if stop and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
-        return stop
+    def _validate(self) -> None:
+        """Validation loss of the weights to use (and of the EMA): logged as `val/loss`
+        (`val/loss_ema`) and printed with the step."""
+        scalars = self.validation.measure(self.weights, self.denoiser, self.accelerator)
+        self.monitor.log_scalars(scalars, self.step)
+        self._log(f"step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in scalars.items()))
 
     def _log(self, message: str) -> None:
         if self.is_main:
@@ -581,18 +598,6 @@ class LoRATrainingRecipe:
                 log.info(message)
 
     def _print_summary(self, summary: TrainSummary) -> None:
-        if not self.is_main:
-            return
-        tail = summary.losses[-max(1, len(summary.losses) // 10):]
-        mean_tail = sum(tail) / len(tail) if tail else math.nan
-        lines = [
-            (f"finished {summary.step} steps ({summary.step - summary.start_step} in this run) in "
-             f"{summary.seconds:.1f} s ({summary.samples_per_second:.2f} samples/s)"),
-            f"loss (mean of the last {len(tail)} steps): {mean_tail:.4f}",
-            f"LoRA: {summary.lora_path}",
-            f"checkpoint: {summary.checkpoint}",
-        ]
-        if self.cfg.output.tensorboard:
-            lines.append(f"tensorboard: tensorboard --logdir {self.run_dir / 'logs'}")
-        for line in lines:
-            log.info(line)
+        if self.is_main:
+            for line in summary_lines(summary, self.run_dir / "logs" if self.cfg.output.tensorboard else None):
+                log.info(line)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .blocks import shape_in_block, unet_block_tables
-from .layers import Adapter, LoRAAdapter, LoRAConv2d, LoRALinear, _LoRAWrapper, draw_module_dropout
+from .layers import Adapter, LoRAAdapter, LoRAConv2d, LoRALinear, _LoRAWrapper, draw_module_dropout, is_conv
 from .lycoris import FullAdapter, LoHaAdapter, LoKrAdapter, LoKrLayout
 from .options import LoRAOptions
 from .names import (
@@ -141,7 +141,7 @@ class LoRANetwork(nn.Module):
             parent = root.get_submodule(parent_path) if parent_path else root
             layer = parent._modules[leaf]
             if not isinstance(layer, _LoRAWrapper):
-                layer = (LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear)(layer)
+                layer = (LoRAConv2d if is_conv(layer) else LoRALinear)(layer)
                 parent._modules[leaf] = layer
             layer.lora_adapters[self.tag] = self._modules[name]
             self._wrappers[name] = layer
@@ -217,7 +217,7 @@ class LoRANetwork(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise every adapter (e.g. after `to_empty` of a model injected on meta)."""
         for name, a in self.adapters().items():
-            a.reset_parameters(self._wrappers[name].weight if self._attached else None)
+            a.reset_parameters(self._wrappers[name].base_weight() if self._attached and a.is_dora else None)
 
     # -- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,6 +233,11 @@ class LoRANetwork(nn.Module):
         `keep_original=False` a DoRA network can only be removed with `keep_merged=True`.
         """
         todo = [(n, a) for n, a in self.adapters().items() if not a.merged]
+        for name, _ in todo:
+            if (fmt := self._wrappers[name].quantization) is not None:
+                raise RuntimeError(f"cannot merge LoRA {name} into its {fmt}-quantized base layer (model.quantize): "
+                                   "export the LoRA and merge it into a full-precision checkpoint with "
+                                   "`python -m trainer lora merge`, or load the base unquantized")
         for name, a in todo:
             w = self._wrappers[name].weight
             if w.is_meta:
