@@ -20,8 +20,6 @@ from trainer.__main__ import main as cli
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     out = {}

@@ -22,7 +22,6 @@ RUNTIME_PACKAGES = ("models", "trainer", "data")
 RUN = ["data.num_workers=0", "data.cache_latents=true", "data.cache_text=true", "output.tensorboard=false",
        "optim.warmup_steps=0", "train.batch_size=2", "train.max_steps=2", "train.save_every=1"]
 
-torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 

@@ -114,7 +114,7 @@ def test_fp16_on_cpu_is_refused_before_the_model_loads(tmp_path, capsys, monkeyp
 
 def test_a_real_process_prints_only_the_error(tmp_path):
     """The whole stderr of `python -m trainer` with a typo is the one error line."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(QUICKSTART),
                            f"output.dir={tmp_path / 'out'}", "train.max_step=5"],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

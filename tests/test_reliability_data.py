@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from training_runs import QUICKSTART
 
@@ -34,7 +33,6 @@ NO_CAPTION = ["empty_caption.png", "missing_caption.png"]
 RUN = ["output.tensorboard=false", "optim.warmup_steps=0", "train.batch_size=2", "train.max_steps=8",
        "train.save_every=0", "data.resolution=64", "data.bucket_step=32", f"data.max_pixels={MAX_PIXELS}"]
 
-torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 

@@ -44,7 +44,6 @@ KILL_SEED = int(os.environ.get("LORASMITH_KILL_SEED", "1234"))
 KILL_STEP = random.Random(KILL_SEED).randint(3, STEPS - 2)
 TOL = 1e-6
 
-torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 # `python -c _KILL_RUNNER NAME ARGS...`: the trainer CLI, SIGKILLed right before `os.replace`

@@ -22,8 +22,6 @@ SD_CONFIG = dict(
 )
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
-
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -6,8 +6,6 @@ from models.unet import UNet, UNetConfig, sdxl_vector
 from models.unet_blocks import BasicTransformerBlock, ResBlock
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
-
 
 def make_case(preset: str, seed: int = 0):
     torch.manual_seed(seed)

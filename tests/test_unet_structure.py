@@ -25,8 +25,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one intra-op thread
-
 
 def fixture_shapes(name: str) -> dict[str, tuple[int, ...]]:
     out = {}
