@@ -5,6 +5,10 @@ Images are (B, 3, H, W) in [-1, 1]; latents are (B, z_channels, H/f, W/f) with f
 takes unscaled latents: the diffusion model works on `(z - shift_factor) * scaling_factor`
 (`scale_latents` / `unscale_latents`).
 
+The Flux.1 VAE (`flux` preset) is the same network with 16 latent channels, without the 1x1
+`quant_conv` / `post_quant_conv` (`use_quant_conv=False`) and with a latent shift; BFL's
+`ae.safetensors` uses these parameter names with no prefix.
+
 Precision: the SDXL VAE overflows in fp16 inside the decoder (activations exceed 65504), so its
 preset sets `force_upcast=True`, which makes `decode` (and `encode`) compute in fp32 whatever the
 parameter dtype, returning the input dtype. Layers cast their weights to the activation dtype on
@@ -57,6 +61,9 @@ class VAEConfig:
     """Optional latent offset (None = 0 for SD1.5/SD2/SDXL)."""
     force_upcast: bool = True
     """Default of `upcast` in encode/decode: compute in fp32 whatever the parameter dtype."""
+    use_quant_conv: bool = True
+    """Whether the 1x1 `quant_conv` (after the encoder) and `post_quant_conv` (before the decoder)
+    exist: True for SD1.5/SD2/SDXL, False for the Flux.1 VAE."""
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -75,7 +82,9 @@ class VAEConfig:
         if not self.double_z:
             bad("double_z", "a KL autoencoder encodes mean and log-variance; set double_z=True")
         if not self.scaling_factor > 0:
-            bad("scaling_factor", "must be > 0 (0.13025 for SDXL, 0.18215 for SD1.5/SD2)")
+            bad("scaling_factor", "must be > 0 (0.13025 for SDXL, 0.18215 for SD1.5/SD2, 0.3611 for Flux.1)")
+        if not isinstance(self.use_quant_conv, bool):
+            bad("use_quant_conv", "must be True or False")
 
     @property
     def downsample_factor(self) -> int:
@@ -84,7 +93,7 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VAEConfig":
-        """Named configuration: "sdxl", "sd15", "sd2" or "tiny"; `overrides` replace fields."""
+        """Named configuration: "sdxl", "sd15", "sd2", "flux", "tiny" or "tiny-flux"; `overrides` replace fields."""
         if name not in _PRESETS:
             raise ValueError(f"unknown VAE preset {name!r}; valid names: {', '.join(sorted(_PRESETS))}")
         return replace(_PRESETS[name], **overrides)
@@ -97,6 +106,15 @@ _PRESETS = {
     # Test-size model that keeps the real 8x downsampling and 4 latent channels.
     "tiny": VAEConfig(
         ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_num_groups=8, scaling_factor=0.13025, force_upcast=False
+    ),
+    # Flux.1 dev/schnell `ae.safetensors`; force_upcast as in its published diffusers config.
+    "flux": VAEConfig(
+        z_channels=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True
+    ),
+    # Test-size Flux VAE: 16 latent channels, no quant convs, the real latent constants.
+    "tiny-flux": VAEConfig(
+        ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_num_groups=8, z_channels=16, use_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159, force_upcast=False,
     ),
 }
 
@@ -216,7 +234,7 @@ def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tens
 
 
 class Encoder(nn.Module):
-    """Images (B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f) before `quant_conv`."""
+    """Images (B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f) before `quant_conv` (if any)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -247,7 +265,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents (B, z_channels, h, w) after `post_quant_conv` -> images (B, out_channels, f*h, f*w)."""
+    """Latents (B, z_channels, h, w) after `post_quant_conv` (if any) -> images (B, out_channels, f*h, f*w)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -316,7 +334,10 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
-    """The SD/SDXL VAE. Construct under `torch.device("meta")` (or `device="meta"`) to allocate nothing."""
+    """The SD/SDXL/Flux VAE. Construct under `torch.device("meta")` (or `device="meta"`) to allocate nothing.
+
+    `quant_conv` / `post_quant_conv` are None when `config.use_quant_conv` is False (Flux.1).
+    """
 
     def __init__(self, config: VAEConfig | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -324,8 +345,9 @@ class AutoencoderKL(nn.Module):
         ctx = torch.device(device) if device is not None else contextlib.nullcontext()
         with ctx:
             self.encoder = Encoder(self.config)
-            self.quant_conv = Conv2d(2 * self.config.z_channels, 2 * self.config.z_channels, 1)
-            self.post_quant_conv = Conv2d(self.config.z_channels, self.config.z_channels, 1)
+            z = self.config.z_channels
+            self.quant_conv = Conv2d(2 * z, 2 * z, 1) if self.config.use_quant_conv else None
+            self.post_quant_conv = Conv2d(z, z, 1) if self.config.use_quant_conv else None
             self.decoder = Decoder(self.config)
         if dtype is not None:
             self.to(dtype=dtype)
@@ -333,11 +355,11 @@ class AutoencoderKL(nn.Module):
     # ----------------------------------------------------------------- helpers
     @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        return self.encoder.conv_in.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.quant_conv.weight.device
+        return self.encoder.conv_in.weight.device
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ResNet/attention block in backward instead of storing its activations."""
@@ -394,7 +416,8 @@ class AutoencoderKL(nn.Module):
         self._check(images, "encode", self.config.in_channels, f)
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return self.quant_conv(self.encoder(x))
+            moments = self.encoder(x)
+            return moments if self.quant_conv is None else self.quant_conv(moments)
 
         fn = run
         if tile_size is not None:
@@ -416,7 +439,7 @@ class AutoencoderKL(nn.Module):
         self._check(latents, "decode", self.config.z_channels, 1)
 
         def run(z: torch.Tensor) -> torch.Tensor:
-            return self.decoder(self.post_quant_conv(z))
+            return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
         fn = run
         if tile_size is not None:

@@ -5,7 +5,8 @@ blocks. The maps here are derived from the config, level by level, exactly as bo
 build their blocks, so they hold for any UNet/VAE shape (tiny test models included):
 
 UNet: the map of `models.checkpoints.unet_names` (shared with the LoRA name table).
-VAE (decoder levels are numbered from the output side in diffusers)
+VAE (decoder levels are numbered from the output side in diffusers; the Flux.1 VAE has no
+quant_conv / post_quant_conv, which keep their names where they exist)
     {en,de}coder.norm_out            {en,de}coder.conv_norm_out
     encoder.down.l.block.r           encoder.down_blocks.l.resnets.r   (nin_shortcut -> conv_shortcut)
     encoder.down.l.downsample.conv   encoder.down_blocks.l.downsamplers.0.conv
@@ -304,8 +305,13 @@ def vae_config_from_diffusers(d: dict, where: str = "vae/config.json") -> VAECon
     cls = d.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise UnsupportedConfigError(f"{where}: _class_name {cls!r} is not an AutoencoderKL")
-    _require(d, where, act_fn=("silu",), mid_block_add_attention=(True,), use_quant_conv=(True,),
-             use_post_quant_conv=(True,), latents_mean=(None,), latents_std=(None,))
+    _require(d, where, act_fn=("silu",), mid_block_add_attention=(True,), latents_mean=(None,), latents_std=(None,))
+    quant = d.get("use_quant_conv", True)
+    if not isinstance(quant, bool) or d.get("use_post_quant_conv", True) is not quant:
+        raise UnsupportedConfigError(
+            f"{where}: use_quant_conv={quant!r} with use_post_quant_conv={d.get('use_post_quant_conv', True)!r} "
+            "is not supported; both must be true (SD/SDXL VAEs) or both false (Flux.1 VAE)"
+        )
     channels = list(d.get("block_out_channels", (64,)))
     ch = channels[0]
     if any(c % ch for c in channels):
@@ -326,6 +332,7 @@ def vae_config_from_diffusers(d: dict, where: str = "vae/config.json") -> VAECon
         scaling_factor=float(d.get("scaling_factor", 0.18215)),
         shift_factor=d.get("shift_factor"),
         force_upcast=bool(d.get("force_upcast", True)),
+        use_quant_conv=quant,
     )
 
 
@@ -349,6 +356,8 @@ def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int | None = None) -> d
     }
     if cfg.shift_factor is not None:
         out["shift_factor"] = cfg.shift_factor
+    if not cfg.use_quant_conv:  # written only when off, so SD/SDXL configs stay as before
+        out["use_quant_conv"] = out["use_post_quant_conv"] = False
     if sample_size is not None:
         out["sample_size"] = sample_size
     return out

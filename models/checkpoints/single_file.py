@@ -276,7 +276,8 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], like: VAEConfig) -> 
         ch=ch,
         ch_mult=tuple(mult),
         num_res_blocks=nrb,
-        z_channels=shapes["post_quant_conv.weight"][0],
+        z_channels=shapes["decoder.conv_in.weight"][1],
+        use_quant_conv="quant_conv.weight" in keys,  # the Flux VAE has none
         norm_num_groups=groups,
         norm_eps=like.norm_eps,
         scaling_factor=like.scaling_factor,
