@@ -22,6 +22,8 @@ _EXPORTS = {
     "CLIPTextConfig": "models.clip",
     "CLIPTextOutput": "models.clip",
     "CLIPTokenizer": "models.tokenizer",
+    "FluxTransformer": "models.flux",
+    "FluxConfig": "models.flux",
     "T5Encoder": "models.t5",
     "T5Config": "models.t5",
     "T5Tokenizer": "models.t5_tokenizer",
