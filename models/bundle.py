@@ -12,11 +12,9 @@ import contextlib
 import torch
 from torch import nn
 
-from .clip import CLIPTextConfig, CLIPTextEncoder
 from .families import FAMILIES, FamilySpec, family_spec
-from .tokenizer import CLIPTokenizer
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from .parts import build_part
+from .vae import AutoencoderKL
 
 __all__ = ["FAMILIES", "FamilySpec", "ModelBundle", "build_model", "family_spec"]
 
@@ -137,8 +135,7 @@ def build_model(
     """
     spec = family_spec(family)
     device = torch.device(device)
-    configs = [UNetConfig.preset(spec.unet), VAEConfig.preset(spec.vae)]
-    configs += [CLIPTextConfig.preset(name) for name in spec.text_encoders]
+    configs = [spec.denoiser_config(), spec.vae_config(), *spec.text_encoder_configs()]
     if device.type == "meta":
         from .checkpoints.single_file import meta_module  # imports this module: resolve at call time
 
@@ -149,13 +146,12 @@ def build_model(
         with rng, torch.device(device):
             if seed is not None:
                 torch.manual_seed(seed)
-            unet, vae = UNet(configs[0]), AutoencoderKL(configs[1])
-            encoders = [CLIPTextEncoder(c) for c in configs[2:]]
+            unet, vae, *encoders = [build_part(c) for c in configs]
     parts = [unet, vae, *encoders]
     if dtype != torch.float32:
         for module in parts:
             module.to(dtype=dtype)
-    tokenizers = [CLIPTokenizer(pad_token_id=pad) for pad in spec.pad_token_ids]
+    tokenizers = spec.make_tokenizers()
     for module in parts:
         module.eval()
     return ModelBundle(family=spec.name, denoiser=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, spec=spec)

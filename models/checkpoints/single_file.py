@@ -24,11 +24,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..families import FAMILIES, families_of, lineages
-from ..clip import CLIPTextConfig, CLIPTextEncoder
+from ..clip import CLIPTextConfig
 from .openclip_keys import hf_to_openclip
 from .safetensors_io import save_file
-from ..unet import UNet, UNetConfig
-from ..vae import AutoencoderKL, VAEConfig
+from ..parts import build_part
+from ..unet import UNetConfig
+from ..vae import VAEConfig
 
 __all__ = [
     "IGNORED_KEYS",
@@ -332,14 +333,11 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def meta_module(config: UNetConfig | VAEConfig | CLIPTextConfig) -> nn.Module:
-    """The module for `config` on the meta device: shapes only, no memory, no init."""
+def meta_module(config) -> nn.Module:
+    """The module for a part config (`models.parts`) on the meta device: shapes only, no memory,
+    no init."""
     with torch.device("meta"), _SkipInit():
-        if isinstance(config, UNetConfig):
-            return UNet(config)
-        if isinstance(config, VAEConfig):
-            return AutoencoderKL(config)
-        return CLIPTextEncoder(config)
+        return build_part(config)
 
 
 def presets_for(kind: str, base: str, family: str | None) -> list:

@@ -82,6 +82,29 @@ class FamilySpec:
     kohya_v2: bool = False
     """kohya `ss_v2` (an SD2-lineage model)."""
 
+    # ---- parts -------------------------------------------------------------------------------
+    def denoiser_config(self):
+        """Config of the denoiser (a UNet preset here; a DiT family returns its transformer's)."""
+        from ..unet import UNetConfig
+
+        return UNetConfig.preset(self.unet)
+
+    def vae_config(self):
+        from ..vae import VAEConfig
+
+        return VAEConfig.preset(self.vae)
+
+    def text_encoder_configs(self) -> list:
+        from ..clip import CLIPTextConfig
+
+        return [CLIPTextConfig.preset(name) for name in self.text_encoders]
+
+    def make_tokenizers(self) -> list:
+        """One tokenizer per text encoder (CLIP BPE with the family's pad ids here)."""
+        from ..tokenizer import CLIPTokenizer
+
+        return [CLIPTokenizer(pad_token_id=pad) for pad in self.pad_token_ids]
+
     # ---- conditioning ------------------------------------------------------------------------
     def encode(self, bundle, token_ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Conditioning tensors from token ids (one (B, 77) int64 tensor per text encoder).
