@@ -6,13 +6,14 @@
 
 Sections (``--what``, comma-separated):
 
-- ``train``: our UNet with random weights (no download) and a fresh LoRA (``--preset``, ``--rank``)
-  trains on fixed random inputs (cached latents and text embeddings, so no VAE or text encoder
+- ``train``: our UNet with random weights (no download) and a fresh LoRA (``--preset``, ``--rank``;
+  ``--algo lora,loha,lokr`` times each adapter algorithm in turn, one row each, with its size
+  as an fp16 file) trains on fixed random inputs (cached latents and text embeddings, so no VAE or text encoder
   runs): warm-up steps, then timed steps of forward, MSE loss, backward and AdamW (fused kernel).
-  With ``--compare diffusers`` the same weights go into diffusers' UNet2DConditionModel (through
-  diffusers' own ``convert_ldm_unet_checkpoint``) with a PEFT LoRA on the same modules and the same
-  adapter weights; both live in this process and their timed steps alternate (A B, B A, A B, ...),
-  so that machine load hits both alike. The table gives s/step (median), images/s, achieved
+  With ``--compare diffusers`` the same weights go into diffusers' UNet2DConditionModel (built from
+  the config.json and weight names we write for diffusers folders) with a PEFT LoRA on the same
+  modules and the same adapter weights; both live in this process and their timed steps alternate
+  (A B, B A, A B, ...), so that machine load hits both alike. The table gives s/step (median), images/s, achieved
   TFLOP/s (UNet forward FLOPs counted once with FlopCounterMode; a training step counts 3x
   forward, 4x with ``--checkpointing``), % of ``--peak-tflops`` and peak memory.
 - ``load``: checkpoint load time and peak RSS (``trainer.bench.load``: a random fp16 single-file
@@ -47,8 +48,9 @@ from models.unet import GRANULARITIES
 from ..config import DTYPE_NAMES, torch_dtype
 
 SECTIONS = ("train", "load", "data", "sample")
-H100_BF16_DENSE_TFLOPS = 989.0
-"""Default peak on CUDA: H100 SXM dense bf16 tensor-core TFLOP/s (no sparsity)."""
+PEAK_TFLOPS = ((r"H100.*PCIe", 756.0), (r"H100.*(HBM3|SXM)", 989.0), (r"H200(?!.*NVL)", 989.0), (r"A100", 312.0))
+"""Default `--peak-tflops` by CUDA device name (regex): dense bf16/fp16 tensor-core TFLOP/s, no
+sparsity. Other GPUs (H100/H200 NVL, consumer cards, ...) need the flag."""
 GIB = 1024**3
 DATA_WORKERS = 2
 """DataLoader worker processes in the data section (as in training on one GPU)."""
@@ -73,7 +75,7 @@ class BenchConfig:
     steps: int = 10
     """Timed steps per model (after warm-up); the median step time is reported."""
     warmup: int = 2
-    """Untimed steps per model first (allocator, cuDNN autotuning, torch.compile)."""
+    """Untimed steps per model first (allocator warm-up, library loading, torch.compile)."""
     checkpointing: str | None = None
     """Our checkpointing granularity (block | layer | transformer; diffusers: its own, per block);
     training FLOPs then count 4x forward."""
@@ -84,6 +86,10 @@ class BenchConfig:
     """LoRA rank (alpha = rank)."""
     preset: str = "kohya"
     """LoRA target preset of `models.inject_lora` (attn, kohya, locon)."""
+    algo: tuple[str, ...] = ("lora",)
+    """Adapter algorithms (`models.lora.network.ALGOS`: lora, loha, lokr), timed one after another."""
+    factor: int = -1
+    """LoKr factorization factor (`lora.factor`)."""
     compare: str | None = None
     """`diffusers`: also train diffusers' UNet2DConditionModel + PEFT LoRA, interleaved."""
     compile: bool = False
@@ -95,7 +101,7 @@ class BenchConfig:
     device: str | None = None
     """cuda | cpu (None: cuda when available)."""
     peak_tflops: float | None = None
-    """Peak TFLOP/s for the % column (None: 989 on CUDA, none on CPU)."""
+    """Peak TFLOP/s for the % column (None: by GPU name, see PEAK_TFLOPS; none on CPU)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     seed: int = 0
@@ -114,6 +120,16 @@ def _sections(text: str) -> tuple[str, ...]:
     bad = [s for s in names if s not in SECTIONS]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown section(s) {bad or text!r}; choose from {','.join(SECTIONS)}")
+    return names
+
+
+def _algos(text: str) -> tuple[str, ...]:
+    from models.lora.network import ALGOS
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in ALGOS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown algorithm(s) {bad or text!r}; choose from {','.join(ALGOS)}")
     return names
 
 
@@ -141,13 +157,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="base weight dtype (default bf16 on CUDA, fp32 on CPU)")
     a("--rank", type=_at_least(1), default=16, help="LoRA rank (default 16)")
     a("--preset", choices=list(UNET_PRESETS), default="kohya", help="LoRA target modules (default kohya)")
+    a("--algo", type=_algos, default=("lora",), help="adapter algorithms, comma-separated: lora,loha,lokr (default lora)")
+    a("--factor", type=int, default=-1, help="LoKr factorization factor (default -1: most square)")
     a("--compare", choices=["diffusers"], default=None, help="also time diffusers' UNet + PEFT LoRA")
     a("--compile", action="store_true", help="torch.compile the transformer blocks")
     a("--channels-last", action="store_true", help="channels-last memory format")
     a("--what", type=_sections, default=("train",), help=f"sections, comma-separated: {','.join(SECTIONS)}")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     a("--peak-tflops", type=float, default=None,
-      help=f"peak for the %% column (default {H100_BF16_DENSE_TFLOPS:g} = H100 bf16 dense on CUDA; n/a on CPU)")
+      help="peak for the %% column (default: H100 SXM/H200 989, H100 PCIe 756, A100 312; else required)")
     a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a("--seed", type=int, default=0)
     a("--data-images", type=_at_least(1), default=32, help="images generated for the data section (default 32)")
@@ -191,6 +209,26 @@ def machine_description(device: torch.device) -> str:
                 break
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
             f"(torch {torch.__version__}, load average {os.getloadavg()[0]:.1f})")
+
+
+def default_peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 tensor-core TFLOP/s of a GPU known by its CUDA name (PEAK_TFLOPS), else None."""
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
+
+
+def peak_tflops(cfg: BenchConfig, device: torch.device) -> float | None:
+    """The peak of the % column: `--peak-tflops`, else the GPU's known peak; None on CPU."""
+    if cfg.peak_tflops is not None or device.type != "cuda":
+        return cfg.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    peak = default_peak_tflops(name)
+    if peak is None:
+        raise BenchError(f"--peak-tflops: no known peak for {name!r}; pass its dense bf16 TFLOP/s, "
+                         "e.g. --peak-tflops 989 for an H100 SXM")
+    return peak
 
 
 def _sync(device: torch.device) -> None:
@@ -288,10 +326,10 @@ def _check_size(cfg: BenchConfig) -> int:
 
 def build_ours(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
     """Our UNet (random weights, on `device` in `dtype`) in a bundle whose other parts stay on meta
-    (training from cached latents and embeddings needs neither VAE nor text encoders), with a LoRA.
+    (training from cached latents and embeddings needs neither VAE nor text encoders), with a
+    LoRA of the first `cfg.algo`.
 
-    Returns (bundle, network). LoRA up weights get small random values instead of zeros so that
-    the adapters change the output (the parity check against the reference then covers them).
+    Returns (bundle, network). See `add_network` for the adapter values.
     """
     import models
     from models.unet import UNet
@@ -299,11 +337,31 @@ def build_ours(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
     bundle = models.build_model(cfg.family, device="meta")
     torch.manual_seed(cfg.seed)
     bundle.unet = UNet(bundle.unet.config, device=device, dtype=dtype)
-    network = models.inject_lora(bundle, unet=cfg.preset, rank=cfg.rank)
+    return bundle, add_network(cfg, bundle, cfg.algo[0])
+
+
+def _inject_args(cfg: BenchConfig, algo: str) -> dict:
+    return {"unet": cfg.preset, "rank": cfg.rank, "algo": algo, **({"factor": cfg.factor} if algo == "lokr" else {})}
+
+
+def add_network(cfg: BenchConfig, bundle, algo: str):
+    """A fresh `algo` network on `bundle`. Its zero-initialised factors (LoRA up, LoHa w2a, LoKr
+    w2 / w2_b) get small random values so that the adapters change the output (the parity check
+    against the reference then covers them)."""
+    import models
+
+    network = models.inject_lora(bundle, **_inject_args(cfg, algo))
     with torch.no_grad():
         for adapter in network.adapters().values():
-            nn.init.normal_(adapter.lora_up.weight, std=0.02)
-    return bundle, network
+            for p in adapter.file_tensors().values():
+                if not p.any():
+                    nn.init.normal_(p, std=0.02)
+    return network
+
+
+def adapter_file_bytes(network) -> int:
+    """Size of the network's tensors in an fp16 file (alpha included, header excluded)."""
+    return sum(t.numel() * 2 for t in network.state_dict_for_export(dtype=None).values())
 
 
 def _prepare(model: nn.Module, cfg: BenchConfig) -> None:
@@ -316,7 +374,7 @@ def _prepare(model: nn.Module, cfg: BenchConfig) -> None:
                 module.compile()
 
 
-def ours_contender(cfg, bundle, network, inputs, device, autocast) -> Contender:
+def ours_contender(cfg, bundle, network, inputs, device, autocast, name: str = "ours (lorasmith)") -> Contender:
     unet = bundle.unet
     if cfg.checkpointing:
         unet.set_gradient_checkpointing(True, cfg.checkpointing)
@@ -325,7 +383,7 @@ def ours_contender(cfg, bundle, network, inputs, device, autocast) -> Contender:
     x, ts, ctx, y = inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y")
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return Contender("ours (lorasmith)", unet, _optimizer(params, device), lambda: unet(x, ts, ctx, y),
+    return Contender(name, unet, _optimizer(params, device), lambda: unet(x, ts, ctx, y),
                      inputs["target"], autocast, sum(p.numel() for p in params), len(network.adapters()))
 
 
@@ -334,21 +392,14 @@ def build_reference(unet, network) -> nn.Module:
     """diffusers' UNet2DConditionModel with `unet`'s weights (copies, strict load) and a PEFT LoRA
     on the modules `network` adapts, holding the same adapter weights (fp32, scale folded in B)."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        from trainer.bench.unet import diffusers_unet_config, import_single_file_utils
+    from trainer.bench.unet import build_reference as diffusers_copy
 
-        sfu = import_single_file_utils()
-        from diffusers import UNet2DConditionModel
+    try:
+        ref = diffusers_copy(unet)  # our config.json and converter; strict load
         from peft import LoraConfig
     except ImportError as exc:
         raise BenchError(f"--compare diffusers needs diffusers and peft ({exc}); "
                          "install them with: pip install 'lorasmith[test]'") from None
-    dcfg = diffusers_unet_config(unet.config)
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    converted = {k: v.detach().clone() for k, v in sfu.convert_ldm_unet_checkpoint(state, dcfg).items()}
-    with torch.device("meta"):
-        ref = UNet2DConditionModel(**dcfg)
-    ref.load_state_dict(converted, strict=True, assign=True)  # strict: every tensor comes from ours
     ref.requires_grad_(False)
 
     refs = network.refs()
@@ -394,15 +445,16 @@ def reference_contender(cfg, unet, network, inputs, device, autocast) -> tuple[C
 
 
 # ---- FLOPs, timing, memory -------------------------------------------------------------------
-def forward_flops(cfg: BenchConfig, res: int) -> int:
+def forward_flops(cfg: BenchConfig, res: int, algo: str = "lora") -> int:
     """FLOPs of one UNet+LoRA forward at batch 1, counted by FlopCounterMode on a meta copy
-    (no memory, no compute; attention counted as its matmuls)."""
+    (no memory, no compute; attention counted as its matmuls; LoHa/LoKr: building each update
+    and applying it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import models
 
     bundle = models.build_model(cfg.family, device="meta")
-    models.inject_lora(bundle, unet=cfg.preset, rank=cfg.rank)
+    models.inject_lora(bundle, **_inject_args(cfg, algo))
     inputs = make_inputs(bundle.unet.config, 1, res, "meta", torch.float32, cfg.seed)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         bundle.unet(inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"))
@@ -435,6 +487,9 @@ def measure_peak(c: Contender, device: torch.device, others: list[Contender]) ->
 
 
 def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    peak = peak_tflops(cfg, device)  # before any work: an unknown GPU needs --peak-tflops
+    if cfg.compare and tuple(cfg.algo) != ("lora",):
+        raise BenchError("--compare diffusers: PEFT's counterpart is plain LoRA; use --algo lora")
     bundle, network = build_ours(cfg, device, dtype)
     res = _check_size(cfg)
     inputs = make_inputs(bundle.unet.config, cfg.batch, res, device, dtype, cfg.seed)
@@ -443,40 +498,48 @@ def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> d
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
 
-    contenders = [ours_contender(cfg, bundle, network, inputs, device, autocast)]
-    for _ in range(cfg.warmup):
-        contenders[0].step()
-    measure_peak(contenders[0], device, [])  # before the reference exists: the cleanest figure
-    parity = None
-    if cfg.compare == "diffusers":
-        ref, parity = reference_contender(cfg, bundle.unet, network, inputs, device, autocast)
-        for _ in range(cfg.warmup):
-            ref.step()
-        measure_peak(ref, device, contenders)
-        contenders.append(ref)
-    for i in range(cfg.steps):
-        # A B, B A, A B, ...: each model runs first and second equally often.
-        for c in contenders if i % 2 == 0 else contenders[::-1]:
-            _timed_step(c, device)
-
-    fwd = forward_flops(cfg, res) * cfg.batch
     factor = 4 if cfg.checkpointing else 3
-    peak = cfg.peak_tflops if cfg.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
-    rows = []
-    for c in contenders:
-        s = statistics.median(c.times)
-        tflops = factor * fwd / s / 1e12
-        rows.append({"model": c.name, "s_per_step": s, "images_per_s": cfg.batch / s,
-                     "cpu_s_per_step": statistics.median(c.cpu_times), "tflops": tflops, "pct_peak": None if peak is None else 100 * tflops / peak,
-                     "peak_mem_gib": None if c.peak_bytes is None else c.peak_bytes / GIB,
-                     "lora_params": c.lora_params, "lora_modules": c.lora_modules, "times": c.times,
-                     "cpu_times": c.cpu_times})
+    rows, parity, fused, fwd_lora = [], None, False, None
+    for i, algo in enumerate(cfg.algo):
+        if i:  # one network at a time on the same UNet
+            network.remove()
+            network = add_network(cfg, bundle, algo)
+        name = "ours (lorasmith)" if len(cfg.algo) == 1 else f"ours {algo}"
+        contenders = [ours_contender(cfg, bundle, network, inputs, device, autocast, name)]
+        fused = fused or bool(contenders[0].optimizer.defaults.get("fused"))
+        for _ in range(cfg.warmup):
+            contenders[0].step()
+        measure_peak(contenders[0], device, [])  # before the reference exists: the cleanest figure
+        if cfg.compare == "diffusers":
+            ref, parity = reference_contender(cfg, bundle.unet, network, inputs, device, autocast)
+            for _ in range(cfg.warmup):
+                ref.step()
+            measure_peak(ref, device, contenders)
+            contenders.append(ref)
+        for step in range(cfg.steps):
+            # A B, B A, A B, ...: each model runs first and second equally often.
+            for c in contenders if step % 2 == 0 else contenders[::-1]:
+                _timed_step(c, device)
+        fwd = forward_flops(cfg, res, algo) * cfg.batch
+        fwd_lora = fwd if fwd_lora is None else fwd_lora
+        size = adapter_file_bytes(network)
+        for c in contenders:
+            s = statistics.median(c.times)
+            tflops = factor * fwd / s / 1e12
+            rows.append({"model": c.name, "algo": algo if c is contenders[0] else "lora",
+                         "s_per_step": s, "images_per_s": cfg.batch / s,
+                         "cpu_s_per_step": statistics.median(c.cpu_times), "tflops": tflops,
+                         "pct_peak": None if peak is None else 100 * tflops / peak,
+                         "peak_mem_gib": None if c.peak_bytes is None else c.peak_bytes / GIB,
+                         "lora_params": c.lora_params, "lora_modules": c.lora_modules,
+                         "file_mib": size / 2**20 if c is contenders[0] else None,
+                         "times": c.times, "cpu_times": c.cpu_times})
     out = {"family": cfg.family, "res": res, "batch": cfg.batch, "dtype": str(dtype).replace("torch.", ""),
-           "rank": cfg.rank, "preset": cfg.preset, "checkpointing": cfg.checkpointing, "compile": cfg.compile,
-           "channels_last": cfg.channels_last, "forward_gflop": fwd / 1e9, "flop_factor": factor,
-           "peak_tflops": peak, "rows": rows, "parity_rel_diff": parity,
-           "fused_adamw": bool(contenders[0].optimizer.defaults.get("fused"))}
-    if len(rows) == 2:
+           "rank": cfg.rank, "preset": cfg.preset, "algo": list(cfg.algo), "factor": cfg.factor,
+           "checkpointing": cfg.checkpointing, "compile": cfg.compile,
+           "channels_last": cfg.channels_last, "forward_gflop": fwd_lora / 1e9, "flop_factor": factor,
+           "peak_tflops": peak, "rows": rows, "parity_rel_diff": parity, "fused_adamw": fused}
+    if cfg.compare == "diffusers":
         out["ratio_step_time"] = rows[0]["s_per_step"] / rows[1]["s_per_step"]
         out["ratio_cpu_time"] = rows[0]["cpu_s_per_step"] / rows[1]["cpu_s_per_step"]
     return out
@@ -494,11 +557,16 @@ def print_train(r: dict, device: torch.device) -> None:
     print(f"UNet+LoRA forward {r['forward_gflop']:.3f} GFLOP/step; step = {r['flop_factor']}x forward; "
           f"peak {peak} TFLOP/s; median of {len(first['times'])} steps")
     head = f"{'model':<18}{'s/step':>10}{'images/s':>10}{'TFLOP/s':>10}{'% peak':>8}"
+    several = len(r.get("algo", ())) > 1
+    if several:
+        head += f"{'params M':>10}{'file MiB':>10}"
     print(head + (f"{'CPU s/step':>12}  peak RSS GiB" if cpu else "  peak GiB (allocated)"))
     for row in r["rows"]:
         pct = "n/a" if row["pct_peak"] is None else f"{row['pct_peak']:.1f}"
         gib = "n/a" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.3f}"
         line = f"{row['model']:<18}{row['s_per_step']:>10.4f}{row['images_per_s']:>10.2f}{row['tflops']:>10.4g}{pct:>8}"
+        if several:
+            line += f"{row['lora_params'] / 1e6:>10.3f}{row['file_mib']:>10.3f}"
         print(line + (f"{row['cpu_s_per_step']:>12.4f}  {gib}" if cpu else f"  {gib}"))
     if "ratio_step_time" in r:
         ratio = r["ratio_step_time"]
@@ -509,62 +577,10 @@ def print_train(r: dict, device: torch.device) -> None:
               + ("; CPU peak RSS is process-wide (Python, libraries, allocator caches)" if cpu else ""))
 
 
-# ===================================================================== other sections ==
-def bench_load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """Checkpoint load time and peak memory via `trainer.bench.load`: a random fp16 single-file
-    checkpoint of the family is written to a temporary folder, then loaded to the CPU in this process."""
-    import tempfile
-    from pathlib import Path
-
-    from . import load as loader_bench
-
-    with tempfile.TemporaryDirectory(prefix="lorasmith-bench-load-") as tmp:
-        t0 = time.perf_counter()
-        source = loader_bench.generate("single-file", Path(tmp), cfg.family)
-        written = time.perf_counter() - t0
-        r = loader_bench.measure(source, "assign")
-        size = source.stat().st_size
-    return {"source": "trainer.bench.load", "file_gib": size / GIB, "write_s": written, "load_s": r["load_s"],
-            "ready_s": r["ready_s"], "peak_rss_increase_gib": (r["peak_rss"] - r["rss_before"]) / GIB,
-            "param_gib": r["param_bytes"] / GIB}
-
-
-def print_load(r: dict) -> None:
-    print(f"model load (single-file fp16 {r['file_gib']:.3f} GiB to CPU, page cache warm): load {r['load_s']:.2f} s, "
-          f"ready {r['ready_s']:.2f} s, peak RSS +{r['peak_rss_increase_gib']:.3f} GiB for {r['param_gib']:.3f} GiB")
-
-
-def bench_data(cfg: BenchConfig) -> dict:
-    from trainer.bench.data import benchmark_pipeline
-    from models.bundle import family_spec
-
-    res = cfg.res or family_spec(cfg.family).resolution
-    return benchmark_pipeline(n=cfg.data_images, res=res, num_workers=DATA_WORKERS, batch_size=cfg.batch)
-
-
-def print_data(r: dict) -> None:
-    print(f"data pipeline ({r['n']} images at {r['res']} px, batch {r['batch_size']}, {r['workers']} workers): "
-          f"decode+transform {r['decode_img_s']:.2f} img/s ({r['per_core_img_s']:.2f} per core), "
-          f"cached latents {r['cached_latents_img_s']:.2f} img/s; goal {r['goal_img_s']} img/s")
-
-
-def bench_sample(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    import models
-    from trainer.sampling.pipeline import benchmark_sampling
-
-    bundle = models.build_model(cfg.family, device=device, dtype=dtype, seed=cfg.seed)
-    res = _check_size(cfg)
-    return benchmark_sampling(bundle, steps=cfg.sample_steps, width=res, height=res, batch=cfg.batch)
-
-
-def print_sample(r: dict) -> None:
-    print(f"sampling ({r['sampler']}, cfg {r['cfg']}, {r['width']}x{r['height']}, batch {r['batch']}, "
-          f"{r['dtype']}): {r['s_per_step']:.4f} s/step ({r['steps_per_s']:.2f} steps/s); "
-          f"text encode {r['encode_s']:.3f} s, VAE decode {r['decode_s']:.3f} s")
-
-
 def run_benchmarks(cfg: BenchConfig) -> dict:
     """Run the selected sections, print their tables, return every figure (JSON-serialisable)."""
+    from .sections import bench_data, bench_load, bench_sample, print_data, print_load, print_sample
+
     device, dtype = _resolve(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
