@@ -250,8 +250,11 @@ class UNet(nn.Module):
     # -- properties -------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the parameters (of the first one; a UNet is kept in one dtype)."""
-        return next(self.parameters()).dtype
+        """dtype of the parameters (of the first layer: a UNet is kept in one dtype, or quantized
+        with that compute dtype, see `models.quant`)."""
+        from .quant.model import compute_dtype
+
+        return compute_dtype(self)
 
     @property
     def device(self) -> torch.device:

@@ -104,6 +104,7 @@ def load_model(
     *,
     prediction_type: str | None = None,
     mmap: bool = True,
+    quantize: Mapping[str, str] | None = None,
 ) -> ModelBundle:
     """Load a checkpoint into a ModelBundle (modules in eval mode).
 
@@ -122,11 +123,13 @@ def load_model(
         views of the file (no copy: faster, memory = file pages shared with the page cache).
         Pass False for private copies, e.g. if the file may be rewritten in place (not by
         rename) while the model is in use.
+    quantize: part (`unet`, `text_encoder`, `text_encoder_2`) -> `fp8` | `int8` | `nf4` | `none`:
+        pack those parts' quantizable weights while loading (`models.quant`).
     Raises ModelLoadError.
     """
     try:
         return _load(source, family, dtype, torch.device(device), vae, unet, variant, allow_pickle, prediction_type,
-                     mmap)
+                     mmap, quantize or {})
     except _EXPECTED_ERRORS as e:
         raise ModelLoadError(str(e)) from None
 
@@ -168,7 +171,7 @@ def _check_family(family: str | None) -> str | None:
     return FAMILIES[family].base
 
 
-def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred, zero_copy) -> ModelBundle:
+def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred, zero_copy, quantize) -> ModelBundle:
     want_base = _check_family(family)
     prefer_half = dtype == torch.float16 or variant == "fp16"
     path = _local(source, prefer_half)
@@ -188,7 +191,7 @@ def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred,
     modules = {slot: meta_module(part.config) for slot, part in parts.items()}
     validate_parts(parts, modules, base, family)
     for slot, part in parts.items():
-        materialize(modules[slot], part, dtype, device, zero_copy)
+        materialize(modules[slot], part, dtype, device, zero_copy, quantize.get(slot))
     for part in parts.values():
         part.sources.clear()  # drop the last views so the memory maps can close
         part.store.close()

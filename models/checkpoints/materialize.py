@@ -124,11 +124,20 @@ def _owns_storage(tensor: torch.Tensor) -> bool:
 
 
 def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device: torch.device,
-                 zero_copy: bool) -> None:
+                 zero_copy: bool, quantize: str | None = None) -> None:
     """Give every parameter its tensor in the target dtype/device: the file view itself when
-    allowed (CPU, same dtype, own storage), else one copy, after which the file pages are dropped."""
+    allowed (CPU, same dtype, own storage), else one copy, after which the file pages are dropped.
+
+    quantize: `fp8` | `int8` | `nf4` packs the weights of the module's quantizable layers as they
+    are read (`models.quant.loading`) and swaps those layers for quantized ones; None / `none`
+    loads everything in the target dtype."""
     target = dtype or _stored_dtype(part)
     zero_copy = zero_copy and materialize_mode == "auto" and device.type == "cpu"
+    quantizer = None
+    if quantize not in (None, "none"):
+        from ..quant.loading import LoadQuantizer
+
+        quantizer = LoadQuantizer(module, quantize, target, device)
 
     def source(name: str, shape) -> torch.Tensor:
         src = part.sources[name]
@@ -164,10 +173,19 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
                 param.copy_(source(name, param.shape))
                 require_finite(name, param)
                 done(name)
+        if quantizer is not None:  # (benchmark mode: the full model exists first)
+            from ..quant.model import quantize_model
+
+            quantize_model(module, quantize, compute_dtype=target)
         return
     state = {}
     for name, ref in module.state_dict().items():
         tensor = source(name, ref.shape)
+        if quantizer is not None and quantizer.claims(name):
+            require_finite(name, tensor)
+            quantizer.take(name, tensor)  # only the packed weight is kept
+            done(name)
+            continue
         wanted = target if tensor.is_floating_point() else tensor.dtype
         if zero_copy and tensor.dtype == wanted:
             if not _owns_storage(tensor) and tensor.is_contiguous() and name in part.origin:
@@ -183,4 +201,6 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
         require_finite(name, out)
         state[name] = out
         done(name)
+    if quantizer is not None:
+        quantizer.install(module, state)
     module.load_state_dict(state, strict=True, assign=True)

@@ -6,6 +6,12 @@ A source is a family name (random weights, for tests, benchmarks and the quickst
 precision policy: the VAE's parameters stay in fp32 when its config says it must compute in fp32
 (`VAEConfig.force_upcast`, the SDXL VAE that overflows in fp16), else they follow `dtype`; an
 explicit `vae_dtype` wins. The bundle comes back frozen (no gradients) and in eval mode.
+
+It also applies the frozen-weight quantization (`models.quant`): `quantize` for the denoiser,
+`quantize_text_encoders` for the text encoders, each `none` | `fp8` | `int8` | `nf4`. A checkpoint
+is quantized while it loads, tensor by tensor, on `device` (the full-precision weights never all
+exist in memory); a family-name source (random weights) is built, then quantized. The VAE is
+never quantized. The compute dtype of quantized layers is `dtype` (the stored dtype with None).
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from ..families import FAMILIES
 from .loading import ModelLoadError, load_model
 
 __all__ = ["open_model", "vae_dtype_for"]
+
+_TEXT_PARTS = ("text_encoder", "text_encoder_2")
+"""`ModelBundle.modules()` names of the text encoders (as `load_model` names its parts)."""
 
 
 def vae_dtype_for(vae_config, dtype: torch.dtype | None, vae_dtype: torch.dtype | None = None) -> torch.dtype | None:
@@ -33,7 +42,8 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
                vae_dtype: torch.dtype | None = None,
                variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
                seed: int | None = None,
-               labels: tuple[str, str, str] = ("model.family", "model.source", "model.vae")) -> ModelBundle:
+               labels: tuple[str, str, str] = ("model.family", "model.source", "model.vae"),
+               quantize: str = "none", quantize_text_encoders: str = "none") -> ModelBundle:
     """The `ModelBundle` of `source` on `device`, frozen and in eval mode.
 
     family: expected family (None detects it; for a family-name source it must agree).
@@ -41,7 +51,15 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
     vae / unet: a separate VAE / UNet file or folder replacing the checkpoint's. seed: init seed of a family-name
     source. prediction_type: override of the family default (`epsilon` | `v_prediction`).
     labels: how the caller names family, source and vae in messages (config keys or CLI flags).
+    quantize / quantize_text_encoders: weight format of the frozen denoiser / text encoders
+    (`none` | `fp8` | `int8` | `nf4`, see `models.quant`).
     """
+    from ..quant.model import check_mode, quantize_model
+
+    check_mode(quantize, "model.quantize")
+    check_mode(quantize_text_encoders, "model.quantize_text_encoders")
+    plan = {"unet": quantize, **{part: quantize_text_encoders for part in _TEXT_PARTS}}
+    quantized = any(mode != "none" for mode in plan.values())
     family_key, source_key, vae_key = labels
     if source in FAMILIES:
         if family is not None and family != source:
@@ -53,9 +71,14 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
         bundle = build_model(source, device="cpu", dtype=dtype or torch.float32, seed=seed)
         if prediction_type is not None:
             bundle.spec = dataclasses.replace(bundle.spec, prediction_type=prediction_type)
+        for part, module in bundle.modules().items():
+            quantize_model(module, plan.get(part, "none"))
     else:
+        # Quantizing loads straight onto `device`: the packing then runs there, and only packed
+        # weights ever reach it.
         bundle = load_model(source, family=family, dtype=dtype, vae=vae, unet=unet, variant=variant,
-                            allow_pickle=allow_pickle, prediction_type=prediction_type)
+                            allow_pickle=allow_pickle, prediction_type=prediction_type,
+                            device=device if quantized else "cpu", quantize=plan if quantized else None)
     if (vae_param_dtype := vae_dtype_for(bundle.vae.config, dtype, vae_dtype)) is not None:
         bundle.vae.to(dtype=vae_param_dtype)
     bundle.to(device=device)

@@ -42,7 +42,9 @@ from ..unet import UNetConfig
 from ..checkpoints.fileio import write_bytes
 from ..checkpoints.safetensors_io import SafetensorsError, read_tensors, all_finite, count_nonfinite
 from .entries import SUFFIX_PATTERN, LoRAModuleWeights, ModuleMismatch
+from .layers import weight_shape
 from .network import LoRANetwork, LoRATarget
+from ..quant.model import base_quantization
 from .options import LoRAOptions
 from .names import LoRANameTable, ModuleRef, components_of, name_table
 
@@ -111,7 +113,9 @@ def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict |
 
     Plain LoRA/LoCon: `ss_network_module` = `networks.lora` (kohya). LoHa, LoKr and Tucker cores:
     `lycoris.kohya` with LyCORIS's network args (`algo` loha / lokr / locon, `factor`,
-    `decompose_both`, `use_tucker`, `conv_dim` / `conv_alpha`), as LyCORIS writes them."""
+    `decompose_both`, `use_tucker`, `conv_dim` / `conv_alpha`), as LyCORIS writes them.
+    `lorasmith.base_quantization` (JSON {part: fp8 | int8 | nf4}) is added when the model had
+    quantized frozen weights (`models.quant`); the tensors are an ordinary LoRA all the same."""
     spec = network.bundle.spec
     adapters = network.adapters()
     refs = network.refs()
@@ -160,6 +164,8 @@ def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict |
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "lorasmith.modules": json.dumps(dict(Counter(r.component for r in refs.values()))),
     }
+    if quantized := base_quantization(network.bundle):
+        meta["lorasmith.base_quantization"] = json.dumps(quantized)  # trained on a quantized base
     for k, v in (extra or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     return meta
@@ -366,7 +372,7 @@ def network_from_tensors(bundle, tensors: dict[str, torch.Tensor], metadata: dic
             continue
         layer = parts[ref.component].get_submodule(ref.path)
         try:
-            fields = w.target_fields(tuple(layer.weight.shape), layer.bias is not None)
+            fields = w.target_fields(weight_shape(layer), layer.bias is not None)
         except ModuleMismatch as exc:
             bad.append(f"{name} ({exc})")
             continue

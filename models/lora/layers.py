@@ -30,6 +30,13 @@ base layer's own Parameter objects under `weight` / `bias`, so every state-dict 
 unchanged. Adapters hang under the wrapper as `lora_adapters.<tag>` (one per stacked network) so
 that `.to()`, `.train()` and `.parameters()` of the model reach them, but they are left out of the
 model's state dict: a checkpoint saved or loaded while a LoRA is injected holds only base weights.
+
+Quantized bases (`models.quant`: QuantLinear / QuantConv2d, fp8 / int8 / NF4 frozen weights) are
+wrapped the same way: the wrapper registers the base's packed `qweight` / `qscale` Parameters and
+runs the base layer's own op on them (`forward_with`), which dequantizes inside the layer and keeps
+no full-size weight for backward. Where an adapter needs W itself (DoRA's norms, the DoRA
+magnitude's initial value), it is dequantized once per use (`base_weight`) and shared by the norm
+and the base op of that forward pass. Merging into a quantized base is refused by `LoRANetwork.merge`.
 """
 from __future__ import annotations
 
@@ -39,7 +46,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Adapter", "LoRAAdapter", "LoRAConv2d", "LoRALinear", "column_norm", "draw_module_dropout", "row_norm"]
+from ..quant.layers import QuantConv2d, QuantLinear, is_quantized
+
+__all__ = ["ADAPTABLE", "Adapter", "LoRAAdapter", "LoRAConv2d", "LoRALinear", "column_norm", "draw_module_dropout",
+           "base_device", "full_weight", "is_conv", "row_norm", "weight_shape"]
+
+ADAPTABLE = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
+"""Layer types an adapter can wrap: full-precision or quantized Linear / Conv2d."""
+
+
+def is_conv(layer: nn.Module) -> bool:
+    """Whether `layer` (a base layer, not a wrapper) is a convolution (full-precision or quantized)."""
+    return isinstance(layer, (nn.Conv2d, QuantConv2d))
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """Shape of the (full) weight of a base layer or wrapper: (out, in) or (out, in, kh, kw)."""
+    base = layer.__dict__.get("base_layer", layer)
+    return tuple(base.weight_shape) if is_quantized(base) else tuple(base.weight.shape)
+
+
+def full_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight of a base layer: its Parameter, or for a quantized layer a dequantized copy
+    (in `dtype`, default its compute dtype)."""
+    return layer.dequantize(dtype=dtype) if is_quantized(layer) else layer.weight
+
+
+def base_device(layer: nn.Module) -> torch.device:
+    """Device of a base layer's weight (packed or not)."""
+    return layer.qweight.device if is_quantized(layer) else layer.weight.device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,14 +121,15 @@ class Adapter(nn.Module):
         for name, p in (("dropout", dropout), ("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"LoRA {name} must be in [0, 1), got {p}")
-        if isinstance(base, nn.Conv2d):
+        if is_conv(base):
             if base.groups != 1:
                 raise ValueError(f"LoRA on grouped convolutions is not supported (groups={base.groups})")
-        elif not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d, not {type(base).__name__}")
-        self.weight_shape = tuple(base.weight.shape)
+        elif not isinstance(base, ADAPTABLE):
+            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d (full-precision or quantized), not "
+                            f"{type(base).__name__}")
+        self.weight_shape = weight_shape(base)
         """Shape of the adapted weight: (out, in) or (out, in, kh, kw)."""
-        self.conv_args = ((base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None)
+        self.conv_args = ((base.stride, base.padding, base.dilation) if is_conv(base) else None)
         """stride, padding, dilation of a conv base (None for Linear): how a full-size update runs."""
         self.rank = int(rank)
         self.alpha = float(alpha)
@@ -116,11 +152,13 @@ class Adapter(nn.Module):
         """Last step of a subclass's __init__: the DoRA magnitude (registered after the update's
         parameters, so state dicts list them first) and the initial values."""
         if self.dora_axis is not None:
-            w = base.weight
-            shape = (1, w.shape[1]) if self.dora_axis == "in" else (w.shape[0], 1)
-            self.dora_scale = nn.Parameter(torch.empty(*shape, *([1] * (w.dim() - 2)), device=w.device,
+            out, inn, *k = self.weight_shape
+            shape = (1, inn) if self.dora_axis == "in" else (out, 1)
+            self.dora_scale = nn.Parameter(torch.empty(*shape, *([1] * len(k)), device=base_device(base),
                                                        dtype=torch.float32))
-        self.reset_parameters(base.weight)
+        # DoRA's magnitude starts at the norms of W: a quantized base dequantizes it once for that.
+        on_meta = base_device(base).type == "meta"
+        self.reset_parameters(full_weight(base, torch.float32) if self.dora_axis is not None and not on_meta else None)
 
     @property
     def scale(self) -> float:
@@ -284,9 +322,9 @@ class LoRAAdapter(Adapter):
     ):
         super().__init__(base, rank, alpha, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
                          dora=dora)
-        fk = {"device": base.weight.device, "dtype": torch.float32}
+        fk = {"device": base_device(base), "dtype": torch.float32}
         self.lora_mid = None
-        if isinstance(base, nn.Conv2d):
+        if is_conv(base):
             conv = (base.stride, base.padding, base.dilation)
             if tucker and tuple(base.kernel_size) != (1, 1):
                 self.lora_down = _Conv2d(base.in_channels, rank, 1, bias=False, **fk)
@@ -406,17 +444,23 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
 class _LoRAWrapper(nn.Module):
     """Shared logic of LoRALinear / LoRAConv2d.
 
-    Registers the base layer's Parameters as its own `weight` / `bias` (same objects, same state-dict
-    paths) and holds the original module unregistered in `base_layer`; `lora_adapters` maps a
-    network tag to that network's `Adapter` (any kind). Attributes not found here (in_features,
-    kernel_size, ...) are read from the base layer.
+    Registers the base layer's Parameters as its own `weight` / `bias` (a quantized base:
+    `qweight` / `qscale` / `bias`; same objects, same state-dict paths) and holds the original
+    module unregistered in `base_layer`; `lora_adapters` maps a network tag to that network's
+    `Adapter` (any kind). Attributes not found here (in_features, kernel_size, ...) are read from
+    the base layer.
     """
 
     is_lora_wrapper = True
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        self.weight = base.weight
+        self.quantization: str | None = base.quant_format if is_quantized(base) else None
+        """Weight format of a quantized base (`fp8`, `int8`, `nf4`), None for a full-precision one."""
+        if self.quantization is None:
+            self.weight = base.weight
+        else:
+            self.qweight, self.qscale = base.qweight, base.qscale
         if base.bias is None:
             self.register_parameter("bias", None)
         else:
@@ -438,18 +482,28 @@ class _LoRAWrapper(nn.Module):
                 raise
             return getattr(base, name)
 
-    def base_forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor, with_bias: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The base layer's output for x; `weight`: the base weight already at hand (`base_weight`),
+        so that a quantized base is not dequantized twice in one forward pass."""
         raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        """W: the base Parameter, or for a quantized base its dequantized copy in the compute dtype
+        (a new tensor each call)."""
+        if self.quantization is None:
+            return self.weight
+        return self.base_layer.dequantize(self.qweight, self.qscale)
 
     def _output_dora_forward(self, x: torch.Tensor, d: Adapter, others: list[Adapter]) -> torch.Tensor:
         """Per-output DoRA: y = Wx + b + m * (c * (Wx + Dx) - Wx) with c = dora_scale / ||W + D||_row
         (ComfyUI's strength rule), then the other adapters' branches."""
-        wx = self.base_forward(x, with_bias=False)
+        w = self.base_weight()
+        wx = self.base_forward(x, with_bias=False, weight=w)
         u, s = d.update(x, use_multiplier=False)
-        full = (wx + u.to(wx.dtype) * s) * d.dora_output_scale(self.weight).to(wx.dtype)
+        full = (wx + u.to(wx.dtype) * s) * d.dora_output_scale(w).to(wx.dtype)
         keep = d.module_keep()
         gain = d.multiplier if keep is None else (keep * d.multiplier).to(wx.dtype)
-        y = self.base_forward(x) + (full - wx) * gain
+        y = self.base_forward(x, weight=w) + (full - wx) * gain
         for a in others:
             y = y + a.branch(x, y.dtype)
         return y
@@ -463,20 +517,21 @@ class _LoRAWrapper(nn.Module):
             d = doras[0]
             if d.dora_axis == "out":
                 return self._output_dora_forward(x, d, [a for a in active if a is not d])
-            c = d.dora_input_scale(self.weight)
+            w = self.base_weight()
+            c = d.dora_input_scale(w)
             xs = x * c.to(x.dtype)
-            y_dora = self.base_forward(xs)
+            y_dora = self.base_forward(xs, weight=w)
             y_dora = y_dora + d.branch(xs, y_dora.dtype, use_multiplier=False)
             # Multiplier m interpolates between base and DoRA output, as ComfyUI's strength does;
             # a module-dropped DoRA adapter leaves the base output (its factor is 0).
             keep = d.module_keep()
             if keep is not None:
-                base = self.base_forward(x)
+                base = self.base_forward(x, weight=w)
                 y = base + (y_dora - base) * (keep * d.multiplier).to(y_dora.dtype)
             elif d.multiplier == 1.0:
                 y = y_dora
             else:
-                y = torch.lerp(self.base_forward(x), y_dora, d.multiplier)
+                y = torch.lerp(self.base_forward(x, weight=w), y_dora, d.multiplier)
             for a in active:
                 if not a.is_dora:
                     y = y + a.branch(x, y.dtype)
@@ -498,7 +553,10 @@ class _LoRAWrapper(nn.Module):
         """The original module with the current Parameters (they may have been re-created by
         `to_empty` / `to(device)` after injection)."""
         base = self.base_layer
-        base.weight = self.weight
+        if self.quantization is None:
+            base.weight = self.weight
+        else:
+            base.qweight, base.qscale = self.qweight, self.qscale
         if self.bias is not None:
             base.bias = self.bias
         return base
@@ -515,14 +573,20 @@ def _ignore_missing_adapter_keys(module, incompatible_keys) -> None:
 
 
 class LoRALinear(_LoRAWrapper):
-    """nn.Linear with stacked LoRA adapters; x (..., in) -> (..., out)."""
+    """nn.Linear (or QuantLinear) with stacked LoRA adapters; x (..., in) -> (..., out)."""
 
-    def base_forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias if with_bias else None)
+    def base_forward(self, x: torch.Tensor, with_bias: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if with_bias else None
+        if self.quantization is not None:
+            return self.base_layer.forward_with(x, self.qweight, self.qscale, bias, weight)
+        return F.linear(x, self.weight, bias)
 
 
 class LoRAConv2d(_LoRAWrapper):
-    """nn.Conv2d with stacked LoRA adapters; x (B, in, H, W) -> (B, out, H', W')."""
+    """nn.Conv2d (or QuantConv2d) with stacked LoRA adapters; x (B, in, H, W) -> (B, out, H', W')."""
 
-    def base_forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self.weight, self.bias if with_bias else None)
+    def base_forward(self, x: torch.Tensor, with_bias: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if with_bias else None
+        if self.quantization is not None:
+            return self.base_layer.forward_with(x, self.qweight, self.qscale, bias, weight)
+        return self.base_layer._conv_forward(x, self.weight, bias)

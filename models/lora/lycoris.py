@@ -24,6 +24,9 @@ LoKr, out = a*b and in = c*d split by `factorization(dim, factor)`:
 
 Full difference (import only): D = `diff` (like W) and the bias update `diff_b` (out,), no scale.
 
+The base may be quantized (`models.quant`): the adapters only read its shape and device (and,
+for DoRA, its dequantized weight through `models.lora.layers`).
+
 Dropouts (LyCORIS): no dropout on hidden activations; `rank_dropout` zeroes whole output rows
 of D with probability p per forward pass in training (not rescaled: LyCORIS's default
 `rank_dropout_scale=False`); module dropout as for LoRA.
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import Adapter
+from .layers import Adapter, base_device, weight_shape
 
 __all__ = ["FullAdapter", "LoHaAdapter", "LoKrAdapter", "LoKrLayout", "factorization", "kron_delta",
            "loha_delta", "tucker_rebuild"]
@@ -114,7 +117,7 @@ class LoHaAdapter(_WeightAdapter):
         super().__init__(base, rank, alpha, rank_dropout=rank_dropout, module_dropout=module_dropout, dora=dora)
         out, inn, *k = self.weight_shape
         self.tucker = bool(tucker and k and tuple(k) != (1, 1))
-        fk = {"device": base.weight.device, "dtype": torch.float32}
+        fk = {"device": base_device(base), "dtype": torch.float32}
         r = self.rank
         if self.tucker:
             pairs = {"a": (r, out), "b": (r, inn)}
@@ -201,7 +204,7 @@ class LoKrAdapter(_WeightAdapter):
                  module_dropout: float = 0.0, dora: bool | str = False, factor: int = -1,
                  decompose_both: bool = False, tucker: bool = False, layout: LoKrLayout | None = None):
         if layout is None:
-            layout = LoKrLayout.choose(tuple(base.weight.shape), rank, factor, decompose_both, tucker)
+            layout = LoKrLayout.choose(weight_shape(base), rank, factor, decompose_both, tucker)
             if layout.w1_rank is None and layout.w2_rank is None:
                 alpha = rank  # LyCORIS writes alpha = rank when both factors are full (scale 1 anyway)
         # ComfyUI divides alpha by the rank of the low-rank factor, w2's when both are
@@ -212,7 +215,7 @@ class LoKrAdapter(_WeightAdapter):
         if a * b != out or c * d != inn:
             raise ValueError(f"LoKr layout {layout} does not fit a weight of shape {self.weight_shape}")
         self.layout = layout
-        fk = {"device": base.weight.device, "dtype": torch.float32}
+        fk = {"device": base_device(base), "dtype": torch.float32}
         empty = lambda *shape: nn.Parameter(torch.empty(shape, **fk))
         if layout.w1_rank is None:
             self.lokr_w1 = empty(a, c)
@@ -289,7 +292,7 @@ class FullAdapter(_WeightAdapter):
         super().__init__(base, 1, 1.0, **dropouts)
         if bias and base.bias is None:
             raise ValueError("diff_b given for a layer without a bias")
-        fk = {"device": base.weight.device, "dtype": torch.float32}
+        fk = {"device": base_device(base), "dtype": torch.float32}
         self.diff = nn.Parameter(torch.empty(self.weight_shape, **fk))
         self.diff_b = nn.Parameter(torch.empty(self.weight_shape[0], **fk)) if bias else None
         self._finish_init(base)

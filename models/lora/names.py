@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..checkpoints.unet_names import layers_per_block, unet_diffusers_path
+from ..quant.layers import QuantLinear
+from .layers import ADAPTABLE, is_conv
 
 # Kohya prefix and diffusers/PEFT prefix per component. Components are named after the text
 # encoder slot they fill: SD1.5/SD2 have one (`te`), SDXL two (`te1` CLIP-L, `te2` bigG).
@@ -134,7 +136,7 @@ def iter_layers(root: nn.Module) -> Iterable[tuple[str, nn.Module, tuple[str, ..
             if child is None:
                 continue
             path = f"{prefix}{name}"
-            if isinstance(child, (nn.Linear, nn.Conv2d)) or is_lora_wrapper(child):
+            if isinstance(child, ADAPTABLE) or is_lora_wrapper(child):
                 yield path, child, ancestors
             else:
                 yield from walk(child, path + ".", ancestors + (type(child).__name__,))
@@ -148,7 +150,7 @@ def base_of(layer: nn.Module) -> nn.Module:
 
 def is_3x3(layer: nn.Module) -> bool:
     base = base_of(layer)
-    return isinstance(base, nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
+    return is_conv(base) and tuple(base.kernel_size) != (1, 1)
 
 
 def _in_preset(preset: str, path: str, layer: nn.Module, ancestors: tuple[str, ...]) -> bool:
@@ -162,7 +164,7 @@ def _in_preset(preset: str, path: str, layer: nn.Module, ancestors: tuple[str, .
     if preset == "locon":
         return any(a in ancestors for a in ("ResBlock", "Downsample", "Upsample"))
     if preset == "te":
-        return isinstance(base_of(layer), nn.Linear) and ("CLIPAttention" in ancestors or "CLIPMLP" in ancestors)
+        return isinstance(base_of(layer), (nn.Linear, QuantLinear)) and ("CLIPAttention" in ancestors or "CLIPMLP" in ancestors)
     return False
 
 

@@ -10,6 +10,7 @@ Sections:
     cache-memory                RSS of the in-memory latent/text caches (`trainer.bench.cache_memory`)
     soak                        a long run's RSS and open files over time (`trainer.bench.soak`)
     recipe-options              step-time cost of EMA, masked loss and validation (`trainer.bench.recipe_options`)
+    quantization                step time, loss and loading memory of quantized bases (`trainer.bench.quant`)
 
 `python -m trainer bench SECTION -h` shows the options of one section.
 """
@@ -27,6 +28,7 @@ TOOLS = {
     "cache-memory": "trainer.bench.cache_memory",
     "soak": "trainer.bench.soak",
     "recipe-options": "trainer.bench.recipe_options",
+    "quantization": "trainer.bench.quant",
 }
 
 

@@ -79,9 +79,9 @@ def measure(source: Path, mode: str) -> dict:
     """Runs inside the child process: load, touch, report."""
     import torch
 
-    from models.checkpoints import loading
+    from models.checkpoints import loading, materialize
 
-    loading._materialize_mode = mode
+    materialize.materialize_mode = mode
     baseline = _status_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Predict the GPU memory of a LoRA training step without a GPU, on the meta device.
 
-    python -m trainer.bench.memory [--family sdxl] [--res 1024] [--batch 1] [--rank 16] [--vae-encode]
+    python -m trainer.bench.memory [--family sdxl [sd15 ...]] [--res 1024] [--batch 1 4] [--rank 16]
+                                   [--quantize none fp8 int8 nf4] [--checkpointing ...] [--vae-encode]
 
 The UNet (random weights never materialised), its LoRA and the optimizer state live on `meta`;
 one steady-state training step (forward, fp32 MSE loss, backward) runs there while
@@ -17,8 +18,15 @@ one steady-state training step (forward, fp32 MSE loss, backward) runs there whi
   v has a strided last dimension: the fused CUDA kernels refuse those, and SDPA falls back to
   its math kernel, which holds the (B, heads, N, N) scores and probabilities.
 
-It prints one row per gradient-checkpointing setting (`--vae-encode`: the no-grad VAE encode of
-one batch of images instead, as latent caching runs it). Run the same step on a GPU with
+Quantized frozen weights (`--quantize`, `model.quantize`): the UNet's layers are swapped for
+`models.quant` layers on meta, so their packed bytes (fp8/int8 1 byte per weight, NF4 0.5 +
+4/64 bytes) are the resident weights, and each layer's forward and backward dequantize its weight
+as a transient tensor (NF4 counted as bitsandbytes' CUDA kernel: the output only; fp8/int8 as
+the torch ops they run, fp32 intermediate included) that is freed before the next layer runs.
+
+It prints one table per family, one row per quantization x gradient-checkpointing setting, with
+the peak at each batch size (`--vae-encode`: the no-grad VAE encode of one batch of images
+instead, as latent caching runs it). Run the same step on a GPU with
 `python -m trainer bench --family sdxl --batch 1 --checkpointing layer` to compare.
 """
 from __future__ import annotations
@@ -157,19 +165,22 @@ class MemoryEstimate:
 
 def estimate_step(family: str = "sdxl", res: int | None = None, batch: int = 1, rank: int = 16,
                   preset: str = "kohya", checkpointing: str = "none", dtype: torch.dtype = torch.bfloat16,
-                  autocast: bool = True, device: str = "meta") -> MemoryEstimate:
+                  autocast: bool = True, device: str = "meta", quantize: str = "none") -> MemoryEstimate:
     """Predicted memory of one training step of `family`'s UNet + LoRA at `res` pixels (see module doc).
 
-    Weights in `dtype`, LoRA fp32, AdamW moments fp32, latents (B,4,res/8,res/8) and cached text
-    embeddings as inputs, loss in fp32. `autocast` applies CUDA autocast rules in `dtype`.
+    Weights in `dtype` (or packed in `quantize` format: `fp8` | `int8` | `nf4`, computing in
+    `dtype`), LoRA fp32, AdamW moments fp32, latents (B,4,res/8,res/8) and cached text embeddings
+    as inputs, loss in fp32. `autocast` applies CUDA autocast rules in `dtype`.
     `device="cpu"` runs the same step on real tensors (for small models; tests compare the two).
     """
     import models
     from models.bundle import FAMILIES
+    from models.quant.model import quantize_model
     from models.unet import sdxl_vector
 
     bundle = models.build_model(family, device=device, dtype=dtype)
     unet = bundle.unet
+    quantize_model(unet, quantize)
     res = res or FAMILIES[family].resolution
     if checkpointing != "none":
         # Recomputations run inside backward, where function modes are not active: re-enter the
@@ -252,34 +263,44 @@ def estimate_vae_encode(family: str = "sdxl", res: int | None = None, batch: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.quant.formats import MODES
+
     p = argparse.ArgumentParser(prog="python -m trainer.bench.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="sdxl")
+    p.add_argument("--family", nargs="+", default=["sdxl"], help="one table per family (default sdxl)")
     p.add_argument("--res", type=int, default=None, help="pixels (default: the family's native size)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes, one column each (default 1 4)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--preset", default="kohya")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, nargs="+", default=list(CHECKPOINTING))
+    p.add_argument("--quantize", choices=MODES, nargs="+", default=list(MODES),
+                   help="frozen UNet weight formats, rows of the table (default: all)")
     p.add_argument("--vae-encode", action="store_true", help="predict the VAE encode of latent caching instead")
     args = p.parse_args(argv)
     dtype = torch_dtype(args.dtype)
-    if args.vae_encode:
-        e = estimate_vae_encode(args.family, args.res, args.batch, dtype)
-        print(f"predicted GPU memory of one VAE encode (no grad): {args.family}, {args.res or 'native'} px, "
-              f"batch {args.batch}")
-        print("| weights GiB | images GiB | activations GiB | peak GiB |")
-        print("|---|---|---|---|")
-        print(f"| {e.weights / GIB:.3f} | {e.images / GIB:.3f} | {e.activations / GIB:.2f} | **{e.peak / GIB:.2f}** |")
-        return 0
-    print(f"predicted GPU memory of one training step: {args.family}, {args.res or 'native'} px, batch {args.batch}, "
-          f"LoRA rank {args.rank} {args.preset}, {args.dtype}{' autocast' if dtype != torch.float32 else ''}")
-    print("| checkpointing | weights GiB | LoRA GiB | AdamW GiB | activations + grads GiB | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for ckpt in args.checkpointing:
-        e = estimate_step(args.family, args.res, args.batch, args.rank, args.preset, ckpt, dtype,
-                          autocast=dtype != torch.float32)
-        print(f"| {ckpt} | {e.weights / GIB:.2f} | {e.lora / GIB:.3f} | {e.optimizer / GIB:.3f} | "
-              f"{e.activations / GIB:.2f} | **{e.peak / GIB:.2f}** |")
+    for family in args.family:
+        if args.vae_encode:
+            for batch in args.batch:
+                e = estimate_vae_encode(family, args.res, batch, dtype)
+                print(f"predicted GPU memory of one VAE encode (no grad): {family}, {args.res or 'native'} px, "
+                      f"batch {batch}")
+                print("| weights GiB | images GiB | activations GiB | peak GiB |")
+                print("|---|---|---|---|")
+                print(f"| {e.weights / GIB:.3f} | {e.images / GIB:.3f} | {e.activations / GIB:.2f} | "
+                      f"**{e.peak / GIB:.2f}** |")
+            continue
+        print(f"predicted GPU memory of one training step: {family}, {args.res or 'native'} px, LoRA rank {args.rank} "
+              f"{args.preset}, {args.dtype}{' autocast' if dtype != torch.float32 else ''}, cached latents and text")
+        print("| quantize | checkpointing | weights GiB | LoRA + AdamW GiB | "
+              + " | ".join(f"batch {b}: activations + grads GiB | batch {b}: peak GiB" for b in args.batch) + " |")
+        print("|---|---|---|---|" + "---|---|" * len(args.batch))
+        for mode in args.quantize:
+            for ckpt in args.checkpointing:
+                runs = [estimate_step(family, args.res, b, args.rank, args.preset, ckpt, dtype,
+                                      autocast=dtype != torch.float32, quantize=mode) for b in args.batch]
+                e = runs[0]
+                cells = " | ".join(f"{r.activations / GIB:.2f} | **{r.peak / GIB:.2f}**" for r in runs)
+                print(f"| {mode} | {ckpt} | {e.weights / GIB:.2f} | {(e.lora + e.optimizer) / GIB:.3f} | {cells} |")
     return 0
 
 
