@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import importlib
 
-from .train import SECTIONS, add_arguments, run  # noqa: F401  (the table sections' options and runner)
+import argparse
+
+from . import train
+from .train import SECTIONS, run  # noqa: F401  (the table sections' runner)
 
 TOOLS = {
     "unet": "trainer.bench.unet",
@@ -30,6 +33,14 @@ TOOLS = {
     "recipe-options": "trainer.bench.recipe_options",
     "quantization": "trainer.bench.quant",
 }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The table sections' options, with every section listed in the help."""
+    train.add_arguments(parser)
+    parser.usage = "python -m trainer bench [SECTION] [options]"
+    parser.epilog = "sections:" + __doc__.split("Sections:", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def dispatch(argv: list[str]) -> int | None:
