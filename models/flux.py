@@ -222,8 +222,11 @@ class FluxTransformer(nn.Module):
     # -- properties -------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the parameters (of the first one; the model is kept in one dtype)."""
-        return next(self.parameters()).dtype
+        """dtype of the parameters (of the first layer: the model is kept in one dtype, or quantized
+        with that compute dtype, see `models.quant`)."""
+        from .quant.model import compute_dtype
+
+        return compute_dtype(self)
 
     @property
     def device(self) -> torch.device:
