@@ -32,11 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from models.checkpoints.safetensors_io import save_file
+from models.checkpoints.safetensors_io import SafetensorsError, read_tensors, save_file
 
 from .errors import CacheError
 from .images import ImageLoadError, content_hash
@@ -114,10 +112,10 @@ class _Store:
         else:
             path = self.path(key)
             try:
-                entry = load_file(str(path))
+                entry, _ = read_tensors(path)
             except FileNotFoundError:
                 raise CacheError(f"cache file {path} is missing; build the cache before training") from None
-            except (SafetensorError, OSError, ValueError) as exc:
+            except (SafetensorsError, OSError, ValueError) as exc:
                 raise CacheError(f"cache file {path} is corrupt ({exc}); delete it and build the cache again") from None
         return {k: v.float() for k, v in entry.items()}
 

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models.checkpoints.fileio import atomic_file, fsync_dir
+from models.checkpoints.safetensors_io import SafetensorsError, read_tensors
 
 _NAME = re.compile(r"^step-(\d+)$")
 _META = "meta.json"
@@ -298,11 +298,11 @@ class CheckpointManager:
                 return None
             try:
                 if name.endswith(".safetensors"):
-                    return load_file(str(file), device="cpu")
+                    return read_tensors(file)[0]
                 return torch.load(file, map_location=location, weights_only=True)
             except pickle.UnpicklingError:
                 reason = "it holds objects other than tensors and plain data, so it was not unpickled"
-            except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as exc:
+            except (OSError, RuntimeError, ValueError, EOFError, SafetensorsError) as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"checkpoint {path} is unusable: {name}: {reason}. {self._instead(path)}")
 

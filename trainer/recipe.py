@@ -25,7 +25,6 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +36,8 @@ from .metadata import training_metadata
 from .monitor import TrainingMonitor
 from .objective import DiffusionObjective, sample_seed, to_device
 from .optim import build_optimizer, build_scheduler
-from .run_control import (
+from .run_control import (  # TrainSummary and TrainingError are part of this module's API
+    TrainSummary,
     StopSignals,
     TrainingError,
     lost_peer,
@@ -52,29 +52,6 @@ log = logging.getLogger("trainer")
 
 _LATENT_SEED_OFFSET = 0x1A7E  # separates latent-sampling seeds from noise/timestep seeds
 _TEXT_CACHE_KEYS = ("context", "pooled")  # conditioning tensors the text cache stores per caption
-
-
-@dataclass
-class TrainSummary:
-    """What a run did. `losses[i]` is the loss of optimizer step `start_step + i + 1`."""
-
-    completed: bool
-    step: int
-    start_step: int
-    losses: list[float] = field(default_factory=list)
-    lora_path: Path | None = None
-    checkpoint: Path | None = None
-    seconds: float = 0.0
-    samples_per_second: float = 0.0
-    stopped: str | None = None
-    signal: int | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """0 when finished; 128 + signal number after a SIGINT/SIGTERM stop (shell convention)."""
-        if self.completed:
-            return 0
-        return 128 + self.signal if self.signal else 1
 
 
 class LoRATrainingRecipe:

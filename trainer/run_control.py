@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,6 +139,29 @@ class StopSignals:
         if stop and self.signal is None:
             self.signal = signal.SIGTERM
         return stop
+
+
+@dataclass
+class TrainSummary:
+    """What a run did. `losses[i]` is the loss of optimizer step `start_step + i + 1`."""
+
+    completed: bool
+    step: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    lora_path: Path | None = None
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    stopped: str | None = None
+    signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when finished; 128 + signal number after a SIGINT/SIGTERM stop (shell convention)."""
+        if self.completed:
+            return 0
+        return 128 + self.signal if self.signal else 1
 
 
 def summary_lines(summary, tensorboard_dir: Path | None) -> list[str]:
