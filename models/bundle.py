@@ -81,15 +81,19 @@ class ModelBundle:
         """Text conditioning for `prompts`.
 
         Returns (context, pooled): context (B, 77, D) with D = 768 (SD1.5), 1024 (SD2) or 2048
-        (SDXL); pooled (B, 1280) for SDXL, None otherwise. Gradients flow when the encoders
+        (SDXL), or FLUX.1's T5 states (B, 512, 4096); pooled (B, 1280) for SDXL, (B, 768) CLIP-L for
+        FLUX.1, None otherwise. Gradients flow when the encoders
         require them (text-encoder training); wrap in `torch.no_grad()` otherwise.
         """
         return self.encode_tokens(self.tokenize(prompts))
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoiser prediction (B, C, h, w) for noisy latents under `cond` (see `FamilySpec.denoise`)."""
-        return self.spec.denoise(self, noisy, timesteps, cond, time_ids)
+                time_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoiser prediction (B, C, h, w) for noisy latents under `cond` (see `FamilySpec.denoise`):
+        noise/velocity for the family's objective; `guidance` (B,) feeds a guidance-distilled denoiser."""
+        if guidance is None:
+            return self.spec.denoise(self, noisy, timesteps, cond, time_ids)
+        return self.spec.denoise(self, noisy, timesteps, cond, time_ids, guidance)
 
     def sdxl_vector(self, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
         """SDXL `y` (B, pooled_dim + 1536) from pooled (B, P) and time ids (B, 6) in pixels:

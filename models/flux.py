@@ -131,7 +131,7 @@ PRESETS = MappingProxyType({
     "flux-schnell": {"guidance_embed": False},
     # head_dim 32 = 8 + 12 + 12; the released models' 64-channel tokens, so the 16-channel VAE fits.
     "tiny-flux": {"hidden_size": 64, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
-                  "axes_dim": (8, 12, 12), "context_in_dim": 32, "vec_in_dim": 16, "guidance_embed": True},
+                  "axes_dim": (8, 12, 12), "context_in_dim": 32, "vec_in_dim": 32, "guidance_embed": True},
 })
 """FluxConfig field values of each preset name (fields not given keep the defaults, i.e. Flux.1)."""
 

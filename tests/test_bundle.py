@@ -31,7 +31,7 @@ def test_build_on_meta_allocates_nothing(family):
         devices = {p.device.type for p in module.parameters()}
         assert devices == {"meta"}, name
     assert bundle.family == family
-    assert (bundle.spec.base == "sdxl") == (len(bundle.text_encoders) == 2)
+    assert len(bundle.text_encoders) == {"sdxl": 2, "flux": 2}.get(bundle.spec.base, 1)
 
 
 def test_unknown_family_names_the_supported_ones():

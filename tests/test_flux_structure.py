@@ -192,14 +192,14 @@ def test_input_errors_name_the_argument():
     cfg = FluxConfig.preset("tiny-flux")
     model = FluxTransformer(cfg)
     img, iid = torch.zeros(2, 6, 64), image_ids(2, 4, 6)
-    txt, tid, t, y, g = torch.zeros(2, 3, 32), text_ids(2, 3), torch.zeros(2), torch.zeros(2, 16), torch.ones(2)
+    txt, tid, t, y, g = torch.zeros(2, 3, 32), text_ids(2, 3), torch.zeros(2), torch.zeros(2, 32), torch.ones(2)
     cases = [
         ((torch.zeros(2, 6, 16), iid, txt, tid, t, y, g), r"img must be \(B, L, 64\) packed latents"),
         ((img, iid[:, :5], txt, tid, t, y, g), r"img_ids must be \(2, 6, 3\) position ids"),
         ((img, iid, torch.zeros(2, 3, 8), tid, t, y, g), r"txt must be \(2, T, 32\)"),
         ((img, iid, txt, tid[:, :2], t, y, g), r"txt_ids must be \(2, 3, 3\)"),
         ((img, iid, txt, tid, torch.zeros(3), y, g), r"timesteps must be a scalar or shape \(2,\)"),
-        ((img, iid, txt, tid, t, torch.zeros(2, 8), g), r"y must be \(2, 16\) pooled text"),
+        ((img, iid, txt, tid, t, torch.zeros(2, 8), g), r"y must be \(2, 32\) pooled text"),
         ((img, iid, txt, tid, t, y, None), r"this model is guidance-distilled .* pass guidance"),
     ]
     for args, message in cases:
@@ -215,5 +215,5 @@ def test_computes_in_input_dtype():
     model = FluxTransformer(FluxConfig.preset("tiny-flux"), dtype=torch.bfloat16).eval()
     img, iid = torch.randn(1, 6, 64, dtype=torch.bfloat16), image_ids(1, 4, 6)
     with torch.no_grad():
-        out = model(img, iid, torch.randn(1, 3, 32), text_ids(1, 3), 0.5, torch.randn(1, 16), 3.5)
+        out = model(img, iid, torch.randn(1, 3, 32), text_ids(1, 3), 0.5, torch.randn(1, 32), 3.5)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -48,7 +48,7 @@ SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
 """`trainer.sampling.samplers.SAMPLER_NAMES`."""
 QuantizeMode = Literal["none", "fp8", "int8", "nf4"]
 """`models.quant.formats.MODES`."""
-BuiltinFamily = Literal["sd15", "sd2", "sdxl", "tiny-sd15", "tiny-sdxl"]
+BuiltinFamily = Literal["sd15", "sd2", "sdxl", "flux-dev", "flux-schnell", "tiny-sd15", "tiny-sdxl", "tiny-flux"]
 """The families `models.families` registers itself. Plug-ins may register more, so
 `model.family` is a plain string checked against both (see `trainer.config_checks`)."""
 
@@ -73,12 +73,20 @@ class ModelConfig:
     the quickstart), a hub id (`stabilityai/stable-diffusion-xl-base-1.0`, or `owner/repo/file.safetensors`),
     a diffusers folder or a single `.safetensors` file."""
     family: str | None = None
-    """Model family (`sd15`, `sd2`, `sdxl`, `tiny-sd15`, `tiny-sdxl`, or one a plug-in registered) when
+    """Model family (`sd15`, `sd2`, `sdxl`, `flux-dev`, `flux-schnell`, the `tiny-*` test families, or
+    one a plug-in registered) when
     it cannot be detected from `source`; null = detect."""
     dtype: Precision = "fp32"
     """Storage dtype of the frozen base weights. LoRA weights always train in fp32."""
     vae: str | None = None
     """Separate VAE (single file, folder or hub id) replacing the base model's, e.g. an fp16-fix VAE."""
+    text_encoders: list[str | None] | None = None
+    """Separate text-encoder files, one entry per encoder slot in the family's order (null keeps the
+    checkpoint's), e.g. FLUX.1 from ComfyUI files: `[clip_l.safetensors, t5xxl_fp16.safetensors]`."""
+    tokenizers: list[str | None] | None = None
+    """Tokenizer folder/file per encoder slot (null = the checkpoint's or the shipped one). No T5
+    vocabulary ships: FLUX.1 without a diffusers folder needs `[null, <folder with tokenizer.json or
+    spiece.model>]`."""
     vae_dtype: Precision | None = None
     """VAE dtype; null = fp32 for SDXL (its VAE overflows in fp16) and `dtype` otherwise."""
     prediction_type: PredictionType | None = None
@@ -167,6 +175,13 @@ class TrainConfig:
     timestep_shift: float = 1.0
     """Shift s of the drawn fraction u before it becomes a timestep: u' = s u / (1 + (s - 1) u);
     s > 1 moves timesteps towards noise, 1 = none. Applies to both samplings."""
+    resolution_shift: bool | None = None
+    """Flow families (FLUX.1): shift the drawn t towards noise by the image token count, as the
+    reference sampler does (mu from 0.5 at 256 tokens to 1.15 at 4096, t' = e^mu / (e^mu + 1/t - 1)),
+    on top of `timestep_shift`; null = the family's choice (dev: true, schnell: false)."""
+    guidance: float | None = None
+    """Guidance value embedded while training a guidance-distilled model (FLUX.1-dev); null = the
+    family's (1.0). Other models have no guidance input."""
     multires_noise_iterations: int = 0
     """Pyramid (multi-resolution) noise levels added to the noise (6-10 is common; 0 = off)."""
     multires_noise_discount: float = 0.3

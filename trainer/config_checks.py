@@ -255,11 +255,45 @@ def _check_data_and_family(cfg: Config) -> None:
     if spec is not None and cfg.data.resolution < spec.resolution // 2:
         _fail("data.resolution", f"{cfg.data.resolution} is too small for {spec.title} (trained at {spec.resolution} "
               f"px); use {spec.resolution} (or at least {spec.resolution // 2})")
-    # Pixel sizes only need to be multiples of 8 (the VAE's block; data.config checks those): the
-    # UNet takes any latent size, as diffusers' does.
+    if spec is None:
+        return
+    # Pixel sizes are multiples of 8 (the VAE's block; data.config checks those) times what the
+    # denoiser needs of the latent grid (the UNet takes any size; Flux packs 2x2 latent patches).
+    px = 8 * spec.latent_multiple
     size = cfg.sample.size
-    if size is not None and size % 8:
-        _fail("sample.size", f"{size} must be a multiple of 8 (the VAE works on 8x8 pixel blocks)")
+    if size is not None and size % px:
+        _fail("sample.size", f"{size} must be a multiple of {px} for {spec.title or family} (8-pixel VAE blocks"
+              + (f", {spec.latent_multiple}x{spec.latent_multiple} latent patches)" if px > 8 else ")"))
+    if px > 8:
+        d = cfg.data
+        for key, value in (("resolution", d.resolution), ("bucket_step", d.bucket_step)):
+            if value % px:
+                _fail(f"data.{key}", f"{value} must be a multiple of {px} for {spec.title or family} (8-pixel VAE "
+                      f"blocks, {spec.latent_multiple}x{spec.latent_multiple} latent patches)")
+    _check_family_training(cfg, spec)
+
+
+def _check_family_training(cfg: Config, spec) -> None:
+    """Training options that depend on the family: checkpointing granularity, objective, guidance."""
+    t = cfg.train
+    granularity = t.gradient_checkpointing
+    if granularity not in (False, True) and granularity not in spec.checkpointing_granularities:
+        _fail("train.gradient_checkpointing", f"{granularity!r} is not available for {spec.title or spec.name}; "
+              f"choose one of {', '.join(spec.checkpointing_granularities)} (or true)")
+    if spec.objective == "flow":
+        for key, on in (("train.min_snr_gamma", t.min_snr_gamma is not None),
+                        ("train.debiased_estimation", t.debiased_estimation),
+                        ("train.zero_terminal_snr", t.zero_terminal_snr),
+                        ("model.prediction_type", cfg.model.prediction_type is not None)):
+            if on:
+                _fail(key, f"belongs to noise-schedule (DDPM) training; {spec.title or spec.name} trains with "
+                      "rectified flow (velocity target, t in [0, 1]); remove it")
+    elif t.resolution_shift is not None:
+        _fail("train.resolution_shift", f"applies to rectified-flow families (FLUX.1); {spec.title or spec.name} "
+              "uses a noise schedule: remove it (train.timestep_shift shifts its timesteps)")
+    if t.guidance is not None and spec.distilled_guidance is None:
+        _fail("train.guidance", f"{spec.title or spec.name} has no guidance input (only guidance-distilled models such "
+              "as FLUX.1-dev do); remove it")
 
 
 def _check_sample_output(cfg: Config) -> None:

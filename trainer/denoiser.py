@@ -9,7 +9,7 @@ class Denoiser(nn.Module):
     (when the text encoders train), then the family's denoising step (`ModelBundle.denoise`).
 
     forward(noisy (B,C,h,w), timesteps (B,), cond {name: tensor} | None, token_ids list[(B,77)] | None,
-    time_ids (B,6) | None) -> prediction (B,C,h,w). `cond` holds the family's conditioning
+    time_ids (B,6) | None, guidance (B,) | None) -> prediction (B,C,h,w). `cond` holds the family's conditioning
     tensors (cached or encoded without gradients); with `token_ids` the encoders run here instead.
     """
 
@@ -19,7 +19,7 @@ class Denoiser(nn.Module):
         self.text_encoders = nn.ModuleList(bundle.text_encoders if encode_text else [])
         object.__setattr__(self, "bundle", bundle)  # not a submodule: parts are registered above
 
-    def forward(self, noisy, timesteps, cond=None, token_ids=None, time_ids=None):
+    def forward(self, noisy, timesteps, cond=None, token_ids=None, time_ids=None, guidance=None):
         if token_ids is not None:
             cond = self.bundle.conditioning(token_ids)
-        return self.bundle.denoise(noisy, timesteps, cond, time_ids)
+        return self.bundle.denoise(noisy, timesteps, cond, time_ids, guidance)

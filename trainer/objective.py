@@ -231,3 +231,24 @@ class DiffusionObjective:
         if sample_weights is not None:
             per_sample = per_sample * sample_weights.to(per_sample.device, torch.float32)
         return per_sample
+
+
+def build_objective(t, spec, prediction_type: str):
+    """The training objective of family `spec` configured by the `train` section `t`: a
+    `DiffusionObjective` over the family's noise schedule, or the rectified-flow objective of
+    `trainer.flow` for `flow` families. Raises ValueError on a bad combination."""
+    common = dict(noise_offset=t.noise_offset, timestep_min=t.timestep_min, timestep_max=t.timestep_max,
+                  loss=t.loss, huber_c=t.huber_c, huber_schedule=t.huber_schedule,
+                  timestep_sampling=t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                  timestep_shift=t.timestep_shift, multires_noise_iterations=t.multires_noise_iterations,
+                  multires_noise_discount=t.multires_noise_discount, ip_noise_gamma=t.ip_noise_gamma)
+    if spec.objective == "flow":
+        from .flow import FlowMatchingObjective
+
+        shift = t.resolution_shift if t.resolution_shift is not None else spec.flow_shift is not None
+        return FlowMatchingObjective(resolution_shift=(spec.flow_shift or (0.5, 1.15)) if shift else None,
+                                     min_snr_gamma=t.min_snr_gamma, debiased_estimation=t.debiased_estimation,
+                                     **common)
+    schedule = NoiseSchedule(zero_terminal_snr=t.zero_terminal_snr)
+    return DiffusionObjective(schedule, prediction_type, min_snr_gamma=t.min_snr_gamma,
+                              debiased_estimation=t.debiased_estimation, **common)

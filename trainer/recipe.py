@@ -34,7 +34,7 @@ from .config import Config, save_config, torch_dtype
 from .denoiser import Denoiser
 from .metadata import training_metadata
 from .monitor import TrainingMonitor
-from .objective import DiffusionObjective, sample_seed, to_device
+from .objective import sample_seed, to_device
 from .optim import build_optimizer, build_scheduler
 from .run_control import (  # TrainSummary and TrainingError are part of this module's API
     TrainSummary,
@@ -45,7 +45,6 @@ from .run_control import (  # TrainSummary and TrainingError are part of this mo
     summary_lines,
 )
 from .samples import render_samples
-from .schedule import NoiseSchedule
 from .weights import TrainingWeights
 
 log = logging.getLogger("trainer")
@@ -222,19 +221,18 @@ class LoRATrainingRecipe:
         return context.float(), None if pooled is None else pooled.float()
 
     def _setup_objective(self) -> None:
-        t = self.cfg.train
-        self.prediction_type = self.cfg.model.prediction_type or self.bundle.spec.prediction_type
-        self.schedule = NoiseSchedule(zero_terminal_snr=t.zero_terminal_snr)
+        from .objective import build_objective
+
+        t, spec = self.cfg.train, self.bundle.spec
+        self.prediction_type = self.cfg.model.prediction_type or spec.prediction_type
+        self.guidance = None  # the value a guidance-distilled denoiser embeds while training
+        if spec.distilled_guidance is not None:
+            self.guidance = float(t.guidance if t.guidance is not None else spec.train_guidance)
         try:
-            self.objective = DiffusionObjective(
-                self.schedule, self.prediction_type, noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma,
-                timestep_min=t.timestep_min, timestep_max=t.timestep_max, loss=t.loss, huber_c=t.huber_c,
-                huber_schedule=t.huber_schedule, debiased_estimation=t.debiased_estimation,
-                timestep_sampling=t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                timestep_shift=t.timestep_shift, multires_noise_iterations=t.multires_noise_iterations,
-                multires_noise_discount=t.multires_noise_discount, ip_noise_gamma=t.ip_noise_gamma)
+            self.objective = build_objective(t, spec, self.prediction_type)
         except ValueError as exc:
             raise TrainingError(f"train: {exc}") from None
+        self.schedule = getattr(self.objective, "schedule", None)
 
     def _setup_optimizer(self) -> None:
         from models.lora.blocks import block_lr_weights
@@ -434,6 +432,8 @@ class LoRATrainingRecipe:
         if t.channels_last:  # as the weights (`_inject_lora`), or the first conv converts it every step
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         kwargs = {"time_ids": batch["add_time_ids"].to(self.device)}
+        if self.guidance is not None:  # the guidance value a guidance-distilled denoiser embeds
+            kwargs["guidance"] = torch.full((b,), self.guidance, device=self.device)
         if batch.get("context") is not None:  # cached text conditioning
             kwargs["cond"] = {k: batch[k].to(self.device) for k in _TEXT_CACHE_KEYS if batch.get(k) is not None}
         else:

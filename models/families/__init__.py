@@ -7,7 +7,7 @@ See `base.FamilySpec` for what a family declares.
 """
 from .base import FamilySpec
 from .registry import FAMILIES, families_of, family_spec, lineages, register_family, unregister_family
-from . import sd15, sd2, sdxl  # noqa: E402,F401  (built-in families register themselves)
+from . import flux, sd15, sd2, sdxl  # noqa: E402,F401  (built-in families register themselves)
 
 __all__ = ["FAMILIES", "FamilySpec", "families_of", "family_spec", "lineages", "register_family",
            "unregister_family"]

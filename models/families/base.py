@@ -49,6 +49,25 @@ class FamilySpec:
     """Sampler `generate` uses when none is given."""
     title: str = ""
     """Human name used in messages ("SDXL", "SD1.5")."""
+    objective: Literal["ddpm", "flow"] = "ddpm"
+    """Training objective and sampler kind: `ddpm` (noise schedule over 1000 integer timesteps,
+    `prediction_type` target) or `flow` (rectified flow: x_t = (1 - t) x0 + t noise, t in [0, 1],
+    the denoiser predicts the velocity noise - x0; FLUX.1)."""
+    distilled_guidance: float | None = None
+    """Guidance value a guidance-distilled denoiser embeds when sampling (FLUX.1-dev: 3.5): such a
+    model runs without classifier-free guidance. None: the denoiser embeds no guidance."""
+    train_guidance: float = 1.0
+    """Guidance value embedded while training a guidance-distilled denoiser (`train.guidance`)."""
+    flow_shift: tuple[float, float] | None = None
+    """(base_shift, max_shift) of the resolution-dependent time shift of flow families: mu grows
+    linearly with the image token count from base_shift at 256 tokens to max_shift at 4096 and
+    t -> e^mu / (e^mu + 1/t - 1). None: no shift (FLUX.1-schnell)."""
+    default_steps: int | None = None
+    """Sampler steps when none are given (None: the sampler's default; FLUX.1-schnell: 4)."""
+    latent_multiple: int = 1
+    """The denoiser needs latent height and width divisible by this (Flux packs 2x2 patches: 2)."""
+    checkpointing_granularities: tuple[str, ...] = ("block", "layer", "transformer")
+    """`train.checkpointing` values the denoiser supports (`UNet.GRANULARITIES`, `FLUX_GRANULARITIES`)."""
 
     # ---- checkpoint layouts ----------------------------------------------------------------
     single_file_text_prefixes: tuple[str, ...] = ()
@@ -114,10 +133,13 @@ class FamilySpec:
         raise NotImplementedError(f"family {self.name!r} does not define its text conditioning")
 
     def denoise(self, bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                time_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
         """Denoiser prediction for noisy latents (B, C, h, w) at `timesteps` (B,) under `cond` (from
-        `encode`). `time_ids` (B, 6): [orig_h, orig_w, crop_top, crop_left, target_h, target_w] in
-        pixels, read by families with size conditioning. The latents are cast to the denoiser's dtype."""
+        `encode`). Timesteps are integers in [0, 1000) for `ddpm` families, floats in [0, 1] for
+        `flow` ones. `time_ids` (B, 6): [orig_h, orig_w, crop_top, crop_left, target_h, target_w] in
+        pixels, read by families with size conditioning. `guidance` (B,): the value a
+        guidance-distilled denoiser embeds (ignored by others). The latents are cast to the
+        denoiser's dtype."""
         unet = bundle.denoiser
         return unet(noisy.to(unet.dtype), timesteps, cond["context"])
 
@@ -140,5 +162,5 @@ class FamilySpec:
             "modelspec.architecture": (self.architecture_v if v and self.architecture_v else self.architecture) + "/lora",
             "modelspec.implementation": self.implementation,
             "modelspec.resolution": f"{self.resolution}x{self.resolution}",
-            "modelspec.prediction_type": "v" if v else "epsilon",
+            "modelspec.prediction_type": "flow" if self.objective == "flow" else "v" if v else "epsilon",
         }
