@@ -340,15 +340,10 @@ class CacheShapes:
 
     @classmethod
     def of(cls, bundle) -> CacheShapes:
-        """Shapes of `bundle` (a ModelBundle): VAE latent channels and downsampling factor; context
-        = tokenizer length x the denoiser's cross-attention width; a pooled vector per text
-        encoder with a projection (it is what the projection produces)."""
+        """Shapes of `bundle` (a ModelBundle): VAE latent channels and downsampling factor, and the
+        family's conditioning tensors per caption (`FamilySpec.conditioning_shapes`)."""
         vae = bundle.vae.config
-        text = {"context": (bundle.tokenizers[0].max_length, bundle.denoiser.config.context_dim)}
-        pooled = sum(getattr(te.config, "projection_dim", None) or 0 for te in bundle.text_encoders)
-        if pooled:
-            text["pooled"] = (pooled,)
-        return cls(vae.z_channels, vae.downsample_factor, text)
+        return cls(vae.z_channels, vae.downsample_factor, dict(bundle.spec.conditioning_shapes(bundle)))
 
 
 @dataclass

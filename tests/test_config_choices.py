@@ -27,6 +27,7 @@ def _registries() -> dict[str, tuple[object, set]]:
     from models.lora.names import TEXT_ENCODER_PRESETS, UNET_PRESETS
     from models.quant.formats import MODES
     from models.unet import GRANULARITIES
+    from trainer.flow import FLOW_WEIGHTINGS
     from trainer.losses import HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLINGS
     from trainer.objective import PREDICTION_TYPES
     from trainer.optim import OPTIMIZERS, SCHEDULERS
@@ -43,6 +44,7 @@ def _registries() -> dict[str, tuple[object, set]]:
         "losses": (C.LossType, set(LOSS_TYPES)),
         "huber schedules": (C.HuberSchedule, set(HUBER_SCHEDULES)),
         "timestep samplings": (C.TimestepSampling, set(TIMESTEP_SAMPLINGS)),
+        "flow weightings": (C.FlowWeighting, set(FLOW_WEIGHTINGS)),
         "precisions": (C.Precision, set(C.DTYPE_NAMES)),
         "mixed precision": (C.MixedPrecision, {"no"} | (set(C.DTYPE_NAMES) & {p.value for p in PrecisionType})),
         "unet presets": (UNetPreset, set(UNET_PRESETS)),

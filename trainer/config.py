@@ -36,6 +36,8 @@ OptimizerName = Literal["adamw", "adam", "sgd", "adafactor",
                         "adamw8bit", "adam8bit", "paged_adamw8bit", "lion8bit", "paged_lion8bit",
                         "prodigy", "adamw_schedulefree"]
 """`trainer.optim.OPTIMIZERS`."""
+FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
+"""`trainer.flow.FLOW_WEIGHTINGS`."""
 LossType = Literal["mse", "huber", "smooth_l1"]
 """`trainer.losses.LOSS_TYPES`."""
 HuberSchedule = Literal["constant", "exponential", "snr"]
@@ -179,6 +181,9 @@ class TrainConfig:
     """Flow families (FLUX.1): shift the drawn t towards noise by the image token count, as the
     reference sampler does (mu from 0.5 at 256 tokens to 1.15 at 4096, t' = e^mu / (e^mu + 1/t - 1)),
     on top of `timestep_shift`; null = the family's choice (dev: true, schnell: false)."""
+    flow_weighting: FlowWeighting = "none"
+    """Flow families: per-sample loss weight from t (SD3's schemes, sigma = t): `sigma_sqrt` (1/t^2,
+    very large near t = 0: use it only with logit-normal sampling) or `cosmap`; `none` = 1."""
     guidance: float | None = None
     """Guidance value embedded while training a guidance-distilled model (FLUX.1-dev); null = the
     family's (1.0). Other models have no guidance input."""
@@ -318,10 +323,12 @@ class SampleConfig:
     """Negative prompt used for every validation image."""
     every: int = 0
     """Render every N steps (0 = only at the end when prompts are given)."""
-    steps: int = 20
-    """Sampler steps per image."""
-    guidance_scale: float = 7.0
-    """Classifier-free guidance scale (<= 1 disables guidance). Old name: `cfg`."""
+    steps: int | None = None
+    """Sampler steps per image; null = the family's default (FLUX.1-dev 28, schnell 4), else 20."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale (<= 1 disables guidance); for a guidance-distilled model
+    (FLUX.1-dev) the guidance value it embeds instead (no CFG pass). null = 7, or the embedded
+    default of a guidance-distilled model (3.5). Old name: `cfg`."""
     sampler: SamplerName = "euler"
     """Sampler of the generation pipeline."""
     seed: int = 0

@@ -288,9 +288,15 @@ def _check_family_training(cfg: Config, spec) -> None:
             if on:
                 _fail(key, f"belongs to noise-schedule (DDPM) training; {spec.title or spec.name} trains with "
                       "rectified flow (velocity target, t in [0, 1]); remove it")
-    elif t.resolution_shift is not None:
-        _fail("train.resolution_shift", f"applies to rectified-flow families (FLUX.1); {spec.title or spec.name} "
-              "uses a noise schedule: remove it (train.timestep_shift shifts its timesteps)")
+        if cfg.sample.sampler != "euler":
+            _fail("sample.sampler", f"{cfg.sample.sampler!r} is a noise-schedule sampler; {spec.title or spec.name} "
+                  "samples with the flow Euler sampler: set sample.sampler: euler")
+    else:
+        for key, on in (("train.resolution_shift", t.resolution_shift is not None),
+                        ("train.flow_weighting", t.flow_weighting != "none")):
+            if on:
+                _fail(key, f"applies to rectified-flow families (FLUX.1); {spec.title or spec.name} uses a noise "
+                      "schedule: remove it")
     if t.guidance is not None and spec.distilled_guidance is None:
         _fail("train.guidance", f"{spec.title or spec.name} has no guidance input (only guidance-distilled models such "
               "as FLUX.1-dev do); remove it")

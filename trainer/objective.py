@@ -247,6 +247,7 @@ def build_objective(t, spec, prediction_type: str):
 
         shift = t.resolution_shift if t.resolution_shift is not None else spec.flow_shift is not None
         return FlowMatchingObjective(resolution_shift=(spec.flow_shift or (0.5, 1.15)) if shift else None,
+                                     weighting=t.flow_weighting,
                                      min_snr_gamma=t.min_snr_gamma, debiased_estimation=t.debiased_estimation,
                                      **common)
     schedule = NoiseSchedule(zero_terminal_snr=t.zero_terminal_snr)

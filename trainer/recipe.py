@@ -193,7 +193,8 @@ class LoRATrainingRecipe:
         from .validation_loss import build_validation
 
         self.validation = build_validation(self.cfg, self.dataset.held_out, self.bundle, self.objective, self.masks,
-                                           device=self.device, rank=self.rank, world=self.world, log=self._log)
+                                           device=self.device, rank=self.rank, world=self.world, log=self._log,
+                                           guidance=self.guidance)
         if t.offload_frozen:
             # Cached parts are not needed on the accelerator any more (frees ~1.6 GB for SDXL);
             # sample rendering brings them back for its duration.

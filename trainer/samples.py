@@ -42,7 +42,8 @@ def render_samples(bundle, network, sample_cfg, *, size: int, device: torch.devi
     try:
         with autocast or nullcontext():
             images = pipe(list(sample_cfg.prompts), negative_prompt=sample_cfg.negative_prompt,
-                          steps=sample_cfg.steps, guidance_scale=sample_cfg.guidance_scale, seed=sample_cfg.seed,
+                          steps=sample_cfg.steps or bundle.spec.default_steps or 20,
+                          guidance_scale=sample_cfg.guidance_scale, seed=sample_cfg.seed,
                           width=size, height=size, progress=False)
     finally:
         network.train()

@@ -75,6 +75,8 @@ class FamilySpec:
     belongs to the lineage all of whose prefixes it has (the lineage with the most prefixes wins)."""
     openclip_text_prefixes: frozenset[str] = frozenset()
     """The prefixes above whose tensors use OpenCLIP names (converted to HF names on load)."""
+    single_file_vae_prefix: str = "first_stage_model."
+    """Key prefix of the VAE in a single-file checkpoint (ComfyUI's FLUX.1 files: `vae.`)."""
     diffusers_pipeline: str = ""
     """diffusers pipeline class of the family's folders (`model_index.json` `_class_name`)."""
     diffusers_index_extras: tuple[tuple[str, object], ...] = ()
@@ -87,9 +89,10 @@ class FamilySpec:
     # ---- LoRA files --------------------------------------------------------------------------
     lora_text_components: tuple[str, ...] = ("te",)
     """kohya component name of each text encoder (`te`, or `te1`/`te2` for two towers)."""
-    lora_unet_names: Literal["ldm", "diffusers"] = "diffusers"
-    """Spelling of UNet module paths in kohya files: kohya trains SD1.5/SD2 on diffusers' UNet
-    (diffusers paths) and SDXL on sgm's (ldm paths)."""
+    lora_unet_names: Literal["ldm", "diffusers", "bfl"] = "diffusers"
+    """Spelling of denoiser module paths in kohya files: kohya trains SD1.5/SD2 on diffusers' UNet
+    (diffusers paths), SDXL on sgm's (ldm paths) and Flux on BFL's transformer (`bfl`: BFL paths;
+    the Flux presets and the diffusers `transformer.` names with their fused pieces go with it)."""
     base_model_version: str = ""
     """kohya `ss_base_model_version` (`sd_v1`, `sd_v2`, `sdxl_base_v1-0`)."""
     architecture: str = ""
@@ -142,6 +145,16 @@ class FamilySpec:
         denoiser's dtype."""
         unet = bundle.denoiser
         return unet(noisy.to(unet.dtype), timesteps, cond["context"])
+
+    def conditioning_shapes(self, bundle) -> dict[str, tuple[int, ...]]:
+        """Shape of each `encode` tensor for one prompt (no batch dimension), without running the
+        encoders (cache size estimates): context = tokenizer length x the UNet's cross-attention
+        width; pooled = the summed widths of the encoders with a projection (SDXL: bigG's)."""
+        shapes = {"context": (bundle.tokenizers[0].max_length, bundle.denoiser.config.context_dim)}
+        pooled = sum(getattr(te.config, "projection_dim", None) or 0 for te in bundle.text_encoders)
+        if pooled:
+            shapes["pooled"] = (pooled,)
+        return shapes
 
     def text_layers_used(self, index: int, num_layers: int) -> int:
         """How many leading transformer layers of text encoder `index` (of `num_layers`) `encode`

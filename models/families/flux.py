@@ -59,6 +59,10 @@ class FluxFamily(FamilySpec):
         context = t5(token_ids[1])
         return {"context": context, "pooled": pooled}
 
+    def conditioning_shapes(self, bundle):
+        clip, t5 = bundle.text_encoders
+        return {"context": (bundle.tokenizers[1].max_length, t5.config.d_model), "pooled": (clip.config.hidden_size,)}
+
     def denoise(self, bundle, noisy, timesteps, cond, time_ids=None, guidance=None):
         import torch
 
@@ -119,6 +123,9 @@ _COMMON = dict(
     base="flux", vae="flux", pad_token_ids=(49407, 0), objective="flow", latent_multiple=2,
     checkpointing_granularities=("block",), default_sampler="euler", noise_schedule="flow",
     prediction_type="flow", diffusers_pipeline="FluxPipeline", lora_text_components=("te1", "te3"),
+    lora_unet_names="bfl",
+    single_file_text_prefixes=("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer."),
+    single_file_vae_prefix="vae.",
     implementation="https://github.com/black-forest-labs/flux",
 )
 FLUX_DEV = register_family(FluxFamily(

@@ -45,9 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="fold the LoRAs into the base weights (faster sampling) instead of running them alongside")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler (default: euler)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 30)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's, e.g. 28 for FLUX.1-dev, 4 for schnell; else 30)")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance scale; <= 1 disables guidance (default 7)")
+                        help="classifier-free guidance scale; <= 1 disables guidance (default 7). FLUX.1-dev: the "
+                        "guidance value it embeds (default 3.5; no CFG); FLUX.1-schnell: none, ignored")
     # Old spelling, kept so existing scripts keep working.
     parser.add_argument("--cfg", dest="guidance_scale", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=None,
@@ -133,8 +135,10 @@ class GenerateSettings:
     loras: list[tuple[Path, float]]
     """(file, strength) of each LoRA."""
     sampler: str
-    steps: int
-    guidance_scale: float
+    steps: int | None
+    """None = the model's default (`Txt2ImgPipeline.prepare`)."""
+    guidance_scale: float | None
+    """None = the model's default (CFG 7, or a guidance-distilled model's embedded value)."""
     seed: int
     size: tuple[int, int] | None
     """(width, height) in pixels; None = the model's resolution."""
@@ -178,10 +182,10 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         exported = cfg.run_dir / f"{cfg.output.name}.safetensors"
         if exported.is_file():
             loras = [(exported, 1.0)]
-    steps = pick(args.steps, sample and sample.steps, 30)
+    steps = pick(args.steps, sample and sample.steps, None)
     n = args.n
     for flag, value in (("--steps", steps), ("--n", n)):
-        if value < 1:
+        if value is not None and value < 1:
             raise GenerateArgumentError(f"{flag} must be >= 1, got {value}")
     batch_size = args.batch_size or n
     if batch_size < 1:
@@ -204,7 +208,7 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         loras=loras,
         sampler=pick(args.sampler, sample and sample.sampler, "euler"),
         steps=steps,
-        guidance_scale=pick(args.guidance_scale, sample and sample.guidance_scale, 7.0),
+        guidance_scale=pick(args.guidance_scale, sample and sample.guidance_scale, None),
         seed=seed,
         size=size,
         n=n,
@@ -280,6 +284,10 @@ def run(args: argparse.Namespace) -> int:
         network = pipe.add_lora(path, strength)
         if args.merge:
             network.merge()
+    spec = bundle.spec
+    if spec.objective == "flow" and spec.distilled_guidance is None and settings.guidance_scale is not None:
+        print(f"note: --guidance-scale {settings.guidance_scale:g} is ignored: {spec.title or spec.name} has no "
+              "classifier-free or embedded guidance", file=sys.stderr)
     print(f"loaded {settings.model} ({bundle.family}, {str(dtype).replace('torch.', '')}, {device}) "
           f"in {time.perf_counter() - t0:.1f}s" + "".join(f"; LoRA {p.name}:{s:g}" for p, s in settings.loras),
           file=sys.stderr)
@@ -287,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     settings.out.mkdir(parents=True, exist_ok=True)
     index = _next_index(settings.out)
     seed = settings.seed
-    sample_s, steps_done = 0.0, 0
+    sample_s, steps_done, job = 0.0, 0, None
     for prompt in settings.prompts:
         remaining = settings.n
         while remaining:
@@ -299,13 +307,18 @@ def run(args: argparse.Namespace) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             sample_s += time.perf_counter() - t1
-            steps_done += settings.steps
+            steps_done += job.steps
             for image, image_seed in zip(pipe.to_images(job, pipe.decode(latents)), job.seeds):
                 path = save_png(image, settings.out / f"{index:05d}-{image_seed}.png")
                 print(path)
                 index += 1
             seed += count
             remaining -= count
+    used = f"{job.steps} steps, CFG {job.guidance_scale:g}" if job is not None else ""
+    if job is not None and job.distilled_guidance is not None:
+        used += f", embedded guidance {job.distilled_guidance:g}"
+    if job is not None and job.shift is not None:
+        used += f", shift {job.shift}"
     print(f"{settings.n * len(settings.prompts)} image(s), {sample_s / max(steps_done, 1):.3f} s/step "
-          f"({width}x{height}, {settings.sampler}, batch {settings.batch_size})", file=sys.stderr)
+          f"({width}x{height}, {settings.sampler}, {used}, batch {settings.batch_size})", file=sys.stderr)
     return 0

@@ -11,6 +11,12 @@ ancestral noise) comes from its own CPU `torch.Generator().manual_seed(seed + k)
 the model's device. So an image is reproduced by the seed in its metadata with n=1, and results
 do not depend on the device or on the batch it was generated in (up to kernel rounding).
 
+Rectified-flow families (`spec.objective == "flow"`, FLUX.1) sample with `FlowEulerSampler`
+(`trainer.sampling.flow`) over the family's time shift (`spec.flow_shift`) and without
+classifier-free guidance: a guidance-distilled model (`spec.distilled_guidance`, FLUX.1-dev) gets
+`guidance_scale` (default: that value) through its guidance embedding instead; FLUX.1-schnell
+has neither, and `guidance_scale` is ignored. `spec.default_steps` sets the steps when none are given.
+
 LoRAs are applied to the bundle by the caller (e.g. `models.load_lora(bundle, path, strength)`,
 merged or dynamic) or through `Txt2ImgPipeline.add_lora`; the pipeline only records them for the
 metadata.
@@ -28,9 +34,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .samplers import Sampler, get_sampler
 from ..schedule import NoiseSchedule
-
+from .flow import FlowEulerSampler
+from .samplers import Sampler, get_sampler
 
 
 @dataclass
@@ -49,6 +55,10 @@ class GenerationParams:
     model: str
     loras: list[tuple[str, float]] = field(default_factory=list)
     """(name, strength) of every LoRA applied to the model."""
+    distilled_guidance: float | None = None
+    """Guidance value embedded by a guidance-distilled model (FLUX.1-dev), else None (not written)."""
+    shift: str | None = None
+    """Time shift of a flow model ("mu 1.15", or "none"), else None (not written)."""
 
     def infotext(self) -> str:
         """The A1111 `parameters` text: prompt, "Negative prompt: ...", then "Key: value, ..."."""
@@ -56,10 +66,12 @@ class GenerationParams:
             ("Steps", self.steps),
             ("Sampler", self.sampler),
             ("CFG scale", f"{self.guidance_scale:g}"),
-            ("Seed", self.seed),
-            ("Size", f"{self.width}x{self.height}"),
-            ("Model", self.model),
         ]
+        if self.distilled_guidance is not None:  # Forge's name for FLUX.1-dev's embedded guidance
+            fields.append(("Distilled CFG Scale", f"{self.distilled_guidance:g}"))
+        if self.shift is not None:
+            fields.append(("Shift", self.shift))
+        fields += [("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
         if self.loras:
             fields.append(("LoRAs", ", ".join(f"{name}:{strength:g}" for name, strength in self.loras)))
         fields.append(("Version", "lorasmith"))
@@ -110,14 +122,18 @@ class GenerationJob:
     """CPU generator per image; after the noise draw they feed ancestral samplers."""
     width: int
     height: int
-    sampler: Sampler
+    sampler: Sampler | FlowEulerSampler
     noise: torch.Tensor
-    """(B, 4, H/8, W/8) float32 initial noise on the model device."""
+    """(B, C, H/f, W/f) float32 initial noise on the model device."""
     cond: dict[str, torch.Tensor]
     """The family's conditioning tensors (B or 2B rows, [uncond; cond] with guidance) on the model
     device in the denoiser dtype (`ModelBundle.conditioning`)."""
     time_ids: torch.Tensor
     """(B or 2B, 6) float32 size/crop ids in pixels on the model device."""
+    distilled_guidance: float | None = None
+    """Guidance value a guidance-distilled flow model embeds (FLUX.1-dev), else None."""
+    shift: str | None = None
+    """Flow families: the time shift used ("mu <value>" or "none"); None for noise-schedule families."""
 
     @property
     def guidance(self) -> bool:
@@ -125,15 +141,17 @@ class GenerationJob:
 
 
 class Txt2ImgPipeline:
-    """Text-to-image sampling with a `ModelBundle` (SD1.5, SD2, SDXL and their tiny variants).
+    """Text-to-image sampling with a `ModelBundle` (SD1.5, SD2, SDXL, FLUX.1 and their tiny variants).
 
     Args:
-        bundle: the model; its UNet's device and dtype are used for sampling.
-        sampler: default sampler name ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras").
+        bundle: the model; its denoiser's device and dtype are used for sampling.
+        sampler: default sampler name ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras";
+            flow families: "euler" only).
         timestep_spacing: "leading" (SD/SDXL default), "trailing" (use with zero-terminal-SNR
-            models) or "linspace".
+            models) or "linspace". Not read by flow families.
         zero_terminal_snr: sample with the zero-terminal-SNR schedule the model was trained on.
-        prediction_type: override the family's ("epsilon" or "v_prediction").
+        prediction_type: override the family's ("epsilon" or "v_prediction"; flow families
+            predict velocity whatever this says).
         model_name: name written to metadata (default: the family name).
     """
 
@@ -148,6 +166,7 @@ class Txt2ImgPipeline:
         model_name: str | None = None,
     ) -> None:
         self.bundle = bundle
+        self.flow = bundle.spec.objective == "flow"
         self.schedule = NoiseSchedule(zero_terminal_snr=zero_terminal_snr)
         self.timestep_spacing = timestep_spacing
         self.sampler = sampler
@@ -156,7 +175,13 @@ class Txt2ImgPipeline:
         self.model_name = model_name or bundle.family
         self.loras: list[tuple[str, float]] = []
 
-    def _make_sampler(self, name: str) -> Sampler:
+    def _make_sampler(self, name: str) -> Sampler | FlowEulerSampler:
+        if self.flow:
+            spec = self.bundle.spec
+            if name.strip().lower() != FlowEulerSampler.name:
+                raise ValueError(f"sampler {name!r} is not available for {spec.title or spec.name}: rectified-flow "
+                                 f"models sample with {FlowEulerSampler.name!r}")
+            return FlowEulerSampler(spec.flow_shift, patch=spec.latent_multiple)
         return get_sampler(name, schedule=self.schedule, timestep_spacing=self.timestep_spacing)
 
     def add_lora(self, path: str | Path, strength: float = 1.0):
@@ -169,11 +194,14 @@ class Txt2ImgPipeline:
 
     # ---- geometry -----------------------------------------------------------------------------
     def check_size(self, width: int, height: int) -> None:
+        patch = self.bundle.spec.latent_multiple  # the denoiser's latent patch (Flux: 2x2)
+        px = 8 * patch
+        why = "the VAE works on 8x8 pixel blocks" if patch == 1 else f"8-pixel VAE blocks, {patch}x{patch} latent patches"
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
-            if value % 8:
-                raise ValueError(f"{name}={value} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)")
+            if value % px:
+                raise ValueError(f"{name}={value} is not a multiple of {px} ({why})")
 
     # ---- conditioning -------------------------------------------------------------------------
     def encode(
@@ -232,8 +260,8 @@ class Txt2ImgPipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
-        steps: int = 30,
-        guidance_scale: float = 7.0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
@@ -246,8 +274,12 @@ class Txt2ImgPipeline:
     ) -> GenerationJob:
         """Validate the arguments, encode the prompts and draw the initial noise.
 
-        width/height: pixels (default: the family's resolution), multiples of the VAE factor (8).
-        guidance_scale: classifier-free guidance scale; <= 1 disables it (one denoiser pass per step).
+        steps: sampler steps (default: the family's `default_steps`, else 30).
+        width/height: pixels (default: the family's resolution), multiples of the VAE factor (8)
+            times the denoiser's latent patch (Flux: 16).
+        guidance_scale: classifier-free guidance scale (default 7); <= 1 disables it (one denoiser
+            pass per step). Flow families: never CFG; a guidance-distilled model embeds this value
+            (default: the family's `distilled_guidance`), others ignore it.
         original_size / crop_top_left / target_size: size micro-conditioning as (h, w) / (top, left),
         read by families that take it (SDXL).
         latents: (B, C, H/f, W/f) unit-variance initial noise replacing the seeded draw.
@@ -260,14 +292,27 @@ class Txt2ImgPipeline:
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n (images per prompt) must be a positive integer, got {n!r}")
-        width = self.bundle.spec.resolution if width is None else width
-        height = self.bundle.spec.resolution if height is None else height
+        spec = self.bundle.spec
+        width = spec.resolution if width is None else width
+        height = spec.resolution if height is None else height
         self.check_size(width, height)
-        sampler_obj = self._make_sampler(sampler or self.sampler)
-        sampler_obj.plan(steps)  # validates steps before any work
+        if steps is None:
+            steps = spec.default_steps or 30
         batch = len(prompts) * n
         f = self.bundle.vae.config.downsample_factor
         latent_shape = (batch, self.bundle.vae.config.z_channels, height // f, width // f)
+        sampler_obj = self._make_sampler(sampler or self.sampler)
+        distilled, shift = None, None
+        if self.flow:
+            sampler_obj.plan(steps, latent_shape[-2:])  # validates steps before any work
+            mu = sampler_obj.mu(*latent_shape[-2:])
+            shift = "none" if mu is None else f"mu {mu:.4g}"
+            if spec.distilled_guidance is not None:
+                distilled = float(spec.distilled_guidance if guidance_scale is None else guidance_scale)
+            guidance_scale = 1.0  # no classifier-free guidance
+        else:
+            sampler_obj.plan(steps)  # validates steps before any work
+            guidance_scale = 7.0 if guidance_scale is None else guidance_scale
         device, dtype = self.bundle.denoiser.device, self.bundle.denoiser.dtype
 
         seeds = [seed + k for k in range(batch)]
@@ -293,7 +338,7 @@ class Txt2ImgPipeline:
             guidance_scale=guidance_scale, seeds=seeds, generators=generators, width=width, height=height,
             sampler=sampler_obj,
             noise=noise.to(device), cond={k: v.to(device=device, dtype=dtype) for k, v in cond.items()},
-            time_ids=time_ids.to(device),
+            time_ids=time_ids.to(device), distilled_guidance=distilled, shift=shift,
         )
 
     def sample(
@@ -302,10 +347,13 @@ class Txt2ImgPipeline:
         progress: bool = False,
         callback: Callable[[int, float, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Run the sampler of a prepared job: final latents (B, 4, H/8, W/8) float32."""
+        """Run the sampler of a prepared job: final latents (B, C, H/f, W/f) float32."""
         bundle, cond, time_ids, scale = self.bundle, job.cond, job.time_ids, job.guidance_scale
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if job.distilled_guidance is not None:  # embedded guidance: one pass, no CFG
+                g = torch.full((x.shape[0],), job.distilled_guidance, dtype=torch.float32, device=x.device)
+                return bundle.denoise(x, t, cond, time_ids, guidance=g).float()
             if job.guidance:
                 out = bundle.denoise(torch.cat([x, x]), torch.cat([t, t]), cond, time_ids).float()
                 uncond, positive = out.chunk(2)
@@ -348,6 +396,7 @@ class Txt2ImgPipeline:
                 prompt=job.prompts[k // job.n], negative_prompt=job.negatives[k // job.n], steps=job.steps,
                 sampler=job.sampler.display_name, guidance_scale=job.guidance_scale, seed=job.seeds[k], width=job.width,
                 height=job.height, model=self.model_name, loras=list(self.loras),
+                distilled_guidance=job.distilled_guidance, shift=job.shift,
             )
             image.info["parameters"] = params.infotext()
         return images
