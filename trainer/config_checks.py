@@ -83,7 +83,54 @@ def _check_model(cfg: Config) -> None:
               "rounding error and then be used on full-precision encoders; set it to none")
 
 
+def _check_full(cfg: Config) -> None:
+    """`train.mode: full` against the keys that only make sense for LoRA adapters, and the full-mode
+    keys in a LoRA run."""
+    t, o = cfg.train, cfg.optim
+    if t.mode != "full":
+        for key, on in (("train.full_dtype", t.full_dtype != "fp32"), ("train.full_targets", t.full_targets is not None),
+                        ("output.export_diffusers", cfg.output.export_diffusers)):
+            if on:
+                _fail(key, "applies to train.mode: full (the model's own weights train); remove it or set "
+                      "train.mode: full")
+        return
+    from dataclasses import fields
+
+    from models.lora.options import LoRAOptions
+
+    default = LoRAOptions()
+    for f in fields(LoRAOptions):
+        if getattr(cfg.lora, f.name) != getattr(default, f.name):
+            _fail(f"lora.{f.name}", "configures LoRA adapters, but train.mode is full (the model's own weights "
+                  "train, no adapters); remove the lora section or set train.mode: lora")
+    for name in ("lora_plus_ratio", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_weight"):
+        if getattr(o, name) is not None:
+            _fail(f"optim.{name}", "sets learning rates of LoRA adapters (LoRA+ / UNet block multipliers), which "
+                  "train.mode: full does not have; remove it")
+    if cfg.model.quantize != "none":
+        _fail("model.quantize", f"{cfg.model.quantize!r} stores the denoiser quantized, but train.mode: full trains "
+              "its weights; set model.quantize: none")
+    if t.full_targets is not None:
+        if not t.full_targets:
+            _fail("train.full_targets", "is an empty list; give regexes or null to train every parameter")
+        for i, pattern in enumerate(t.full_targets):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                _fail(f"train.full_targets[{i}]", f"invalid regex {pattern!r} ({exc})")
+    if t.full_dtype == "bf16":
+        if o.name != "adamw":
+            _fail("train.full_dtype", f"bf16 weights train with AdamW and stochastic rounding only, got "
+                  f"optim.name={o.name}; set optim.name: adamw or train.full_dtype: fp32")
+        if t.mixed_precision != "bf16":
+            _fail("train.mixed_precision", f"{t.mixed_precision!r} with train.full_dtype: bf16; bf16 weights need "
+                  "train.mixed_precision: bf16")
+
+
 def _check_lora(cfg: Config) -> None:
+    _check_full(cfg)
+    if cfg.train.mode == "full":
+        return
     lora = cfg.lora
     try:
         lora.check()
@@ -276,6 +323,10 @@ def _check_data_and_family(cfg: Config) -> None:
 def _check_family_training(cfg: Config, spec) -> None:
     """Training options that depend on the family: checkpointing granularity, objective, guidance."""
     t = cfg.train
+    preset = cfg.lora.preset
+    if cfg.lora.targets is None and preset is not None and preset not in spec.lora_presets:
+        _fail("lora.preset", f"{preset!r} does not apply to {spec.title or spec.name}; choose one of "
+              f"{', '.join(spec.lora_presets)} (or lora.targets regexes)")
     granularity = t.gradient_checkpointing
     if granularity not in (False, True) and granularity not in spec.checkpointing_granularities:
         _fail("train.gradient_checkpointing", f"{granularity!r} is not available for {spec.title or spec.name}; "

@@ -49,6 +49,8 @@ class FamilySpec:
     """Sampler `generate` uses when none is given."""
     title: str = ""
     """Human name used in messages ("SDXL", "SD1.5")."""
+    lineage_title: str = ""
+    """Human name of the lineage when it differs from `title` ("FLUX.1" for flux-dev's "FLUX.1-dev")."""
     objective: Literal["ddpm", "flow"] = "ddpm"
     """Training objective and sampler kind: `ddpm` (noise schedule over 1000 integer timesteps,
     `prediction_type` target) or `flow` (rectified flow: x_t = (1 - t) x0 + t noise, t in [0, 1],
@@ -89,6 +91,8 @@ class FamilySpec:
     # ---- LoRA files --------------------------------------------------------------------------
     lora_text_components: tuple[str, ...] = ("te",)
     """kohya component name of each text encoder (`te`, or `te1`/`te2` for two towers)."""
+    lora_presets: tuple[str, ...] = ("attn", "kohya", "locon")
+    """`lora.preset` values that apply to the denoiser (`models.lora.names.UNET_PRESETS` selects them)."""
     lora_unet_names: Literal["ldm", "diffusers", "bfl"] = "diffusers"
     """Spelling of denoiser module paths in kohya files: kohya trains SD1.5/SD2 on diffusers' UNet
     (diffusers paths), SDXL on sgm's (ldm paths) and Flux on BFL's transformer (`bfl`: BFL paths;
@@ -175,5 +179,4 @@ class FamilySpec:
             "modelspec.architecture": (self.architecture_v if v and self.architecture_v else self.architecture) + "/lora",
             "modelspec.implementation": self.implementation,
             "modelspec.resolution": f"{self.resolution}x{self.resolution}",
-            "modelspec.prediction_type": "flow" if self.objective == "flow" else "v" if v else "epsilon",
-        }
+        } | ({} if self.objective == "flow" else {"modelspec.prediction_type": "v" if v else "epsilon"})

@@ -123,7 +123,7 @@ _COMMON = dict(
     base="flux", vae="flux", pad_token_ids=(49407, 0), objective="flow", latent_multiple=2,
     checkpointing_granularities=("block",), default_sampler="euler", noise_schedule="flow",
     prediction_type="flow", diffusers_pipeline="FluxPipeline", lora_text_components=("te1", "te3"),
-    lora_unet_names="bfl",
+    lora_unet_names="bfl", lora_presets=("attn", "attn-mlp", "attn-mlp-mod"), lineage_title="FLUX.1",
     single_file_text_prefixes=("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer."),
     single_file_vae_prefix="vae.",
     implementation="https://github.com/black-forest-labs/flux",

@@ -1,5 +1,6 @@
 """LoRA adapters: the layers that wrap base weights (`layers`), the network that injects and
-trains them (`network`), its options (`options`), the kohya/ComfyUI/diffusers key names (`names`)
+trains them (`network`), its options (`options`), the kohya/ComfyUI/diffusers key names (`names`;
+Flux transformer presets and names in `flux_names`, its fused layers' diffusers pieces in `pieces`)
 and the files (`files`).
 
 Names resolve lazily so that `from models.lora.options import LoRAOptions` (read by training

@@ -15,8 +15,12 @@ LoHa / LoKr networks are written in LyCORIS's kohya-style names (`.hada_w1_a` ..
 `ss_network_args`, as LyCORIS itself writes them.
 
 `load_lora(bundle, path)` accepts kohya files (SDXL UNet names in ldm or diffusers-underscored
-spelling, SD1.5/SD2 in either), diffusers/PEFT files (`unet.` / `text_encoder.` /
-`text_encoder_2.` + `.lora_A.weight` / `.lora_B.weight`, scale 1), LyCORIS files (LoCon with
+spelling, SD1.5/SD2 in either, Flux in BFL paths with `lora_te1_` CLIP-L and `lora_te3_` (or
+OneTrainer's `lora_te2_`) T5), diffusers/PEFT/ai-toolkit files (`unet.` / `transformer.` /
+`text_encoder.` / `text_encoder_2.` + `.lora_A.weight` / `.lora_B.weight`, scale 1; Flux LoRAs on
+diffusers pieces of a fused layer (to_q, to_k, to_v, proj_mlp) combine exactly into one adapter on
+it, see `models.lora.pieces`), ComfyUI's `diffusion_model.` + BFL path, OneTrainer's
+`lora_transformer_` and SimpleTuner's `lycoris_` underscored diffusers paths, LyCORIS files (LoCon with
 `lora_mid`, LoHa, LoKr in every w1/w2 form, `dora_scale` per input or per output channel, full
 `diff` / `diff_b`; see `models.lora.entries`) and our own output. Every key must land on a module
 of the model: a key that does not is an error (or, with strict=False, a warning with the count),
@@ -44,6 +48,7 @@ from ..checkpoints.safetensors_io import SafetensorsError, read_tensors, all_fin
 from .entries import SUFFIX_PATTERN, LoRAModuleWeights, ModuleMismatch
 from .layers import weight_shape
 from .network import LoRANetwork, LoRATarget
+from .pieces import fuse_pieces
 from ..quant.model import base_quantization
 from .options import LoRAOptions
 from .names import LoRANameTable, ModuleRef, components_of, name_table
@@ -64,8 +69,14 @@ __all__ = [
     "write_lora_file",
 ]
 
-_KOHYA_RE = re.compile(rf"^(lora_(?:unet|te|te1|te2)_\w+?)\.({SUFFIX_PATTERN})$")
-_PEFT_RE = re.compile(r"^((?:unet|text_encoder|text_encoder_2)\.[\w.]+?)\.(lora_A\.weight|lora_B\.weight|alpha)$")
+_KOHYA_RE = re.compile(rf"^((?:lora_(?:unet|te\d?|transformer)|lycoris)_\w+?)\."
+                       rf"(lora_A\.weight|lora_B\.weight|{SUFFIX_PATTERN})$")
+"""Underscore module names: kohya `lora_unet_` / `lora_te[123]_`, OneTrainer `lora_transformer_`,
+SimpleTuner `lycoris_` (Flux: diffusers paths)."""
+_PEFT_RE = re.compile(r"^((?:unet|text_encoder|text_encoder_2|transformer|diffusion_model)\.[\w.]+?)\."
+                      rf"(lora_A\.weight|lora_B\.weight|{SUFFIX_PATTERN})$")
+"""Dotted module names: PEFT / diffusers (`unet.`, `transformer.`, `text_encoder[_2].`) and ComfyUI's
+`diffusion_model.` + BFL path, with PEFT's or kohya's suffixes."""
 _UNSUPPORTED = ("oft_", "boft_", "lora_magnitude_vector", "reshape_weight", ".w_norm", ".b_norm", ".lokr_t1")
 """Key parts of adapter kinds that are not read (OFT/BOFT, PEFT's DoRA magnitude, padded reshapes,
 norm-layer updates, LyCORIS's unused LoKr t1)."""
@@ -111,8 +122,8 @@ def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict |
     """kohya `ss_*` + `modelspec.*` metadata for `network`; `extra` entries (any JSON-able values)
     are added last and win. The sshs_* hashes are added by `write_lora_file`.
 
-    Plain LoRA/LoCon: `ss_network_module` = `networks.lora` (kohya). LoHa, LoKr and Tucker cores:
-    `lycoris.kohya` with LyCORIS's network args (`algo` loha / lokr / locon, `factor`,
+    Plain LoRA/LoCon: `ss_network_module` = `networks.lora` (kohya; Flux: `networks.lora_flux`). LoHa,
+    LoKr and Tucker cores: `lycoris.kohya` with LyCORIS's network args (`algo` loha / lokr / locon, `factor`,
     `decompose_both`, `use_tucker`, `conv_dim` / `conv_alpha`), as LyCORIS writes them.
     `lorasmith.base_quantization` (JSON {part: fp8 | int8 | nf4}) is added when the model had
     quantized frozen weights (`models.quant`); the tensors are an ordinary LoRA all the same."""
@@ -146,8 +157,10 @@ def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict |
             args["decompose_both"] = str(cfg.decompose_both)
         args["use_tucker"] = str(tucker)
     family_meta = spec.lora_metadata()
+    flux = spec.lora_unet_names == "bfl"
     meta = {
-        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        # kohya sd-scripts trains Flux with its own network module (BFL names, lora_te3_ for T5)
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora_flux" if flux else "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": _fmt(alpha),
         "ss_network_args": json.dumps(args),
@@ -160,10 +173,11 @@ def build_metadata(network: LoRANetwork, title: str | None = None, extra: dict |
         "modelspec.implementation": family_meta["modelspec.implementation"],
         "modelspec.title": title or "lora",
         "modelspec.resolution": family_meta["modelspec.resolution"],
-        "modelspec.prediction_type": family_meta["modelspec.prediction_type"],
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "lorasmith.modules": json.dumps(dict(Counter(r.component for r in refs.values()))),
     }
+    if "modelspec.prediction_type" in family_meta:  # kohya writes none for Flux (a flow model)
+        meta["modelspec.prediction_type"] = family_meta["modelspec.prediction_type"]
     if quantized := base_quantization(network.bundle):
         meta["lorasmith.base_quantization"] = json.dumps(quantized)  # trained on a quantized base
     for k, v in (extra or {}).items():
@@ -259,7 +273,7 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoRA
 def _suffix(match: re.Match) -> str:
     """The kohya suffix of a matched key (PEFT lora_A/lora_B -> lora_down/lora_up)."""
     suffix = match.group(2)
-    return _PEFT_SUFFIX.get(suffix, suffix) if match.re is _PEFT_RE else suffix
+    return _PEFT_SUFFIX.get(suffix, suffix)
 
 
 def explain_unknown(unknown: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -281,38 +295,56 @@ def explain_unknown(unknown: list[str], tensors: dict[str, torch.Tensor]) -> lis
     return lines
 
 
+_FLUX_TOP = r"(?:double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)"
+_FLUX_KEY = re.compile(rf"^(?:lora_unet_{_FLUX_TOP}(?:_|$)|diffusion_model\.{_FLUX_TOP}(?:\.|$)|transformer\.|"
+                       r"lora_transformer_|lycoris_(?:single_)?transformer_blocks_\d)")
+"""Module names only a Flux transformer LoRA has (BFL block paths, diffusers `transformer.` paths)."""
+_T5_KEY = re.compile(r"^(?:lora_te[23]_encoder_block_|text_encoder_2\.encoder\.block\.)")
+"""T5 encoder module names (Flux: `lora_te3_`, or `lora_te2_` as OneTrainer numbers it)."""
+
+
 def guess_family(modules: dict[str, dict], metadata: dict[str, str] | None = None) -> tuple[str | None, str]:
     """Best guess of the lineage a LoRA was trained for: (a family name, several lineages joined by
     "/" when the keys fit more than one, or None; the reason). Our own exports record the exact
-    family; other files are matched against what each registered lineage declares (text-encoder
-    components, cross-attention width, text width, kohya `ss_base_model_version`)."""
+    family; other files are matched against what each registered lineage declares (denoiser
+    spelling, text-encoder components, cross-attention width, text width, kohya `ss_base_model_version`)."""
     names = list(modules)
     recorded = (metadata or {}).get("lorasmith.family")
     if recorded:
         # Our own exports name the exact family, tiny test families included.
         return recorded, f"its metadata says lorasmith.family={recorded}"
-    reps = [s for s in lineages().values() if s.name == s.base]  # full-size lineages only
+    reps = list(lineages().values())  # one family per lineage, the one named after it where there is one
 
     def answer(specs, why):
         return "/".join(s.base for s in specs), why
 
-    two_towers = [s for s in reps if len(s.lora_text_components) > 1]
-    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names) and two_towers:
-        return answer(two_towers, "it has two text encoders (lora_te1_/lora_te2_ keys)")
+    def having(component):
+        return [s for s in reps if component in s.lora_text_components]
+
+    flux = [s for s in reps if s.lora_unet_names == "bfl"]
+    if flux and any(_FLUX_KEY.match(n) for n in names):
+        return answer(flux, "its keys name Flux transformer layers (double_blocks / single_blocks)")
+    if having("te3") and any(_T5_KEY.match(n) for n in names):
+        return answer(having("te3"), "it has a T5 text encoder (lora_te3_ keys)")
+    if having("te2") and any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names):
+        return answer(having("te2"), "it has two text encoders (lora_te1_/lora_te2_ keys)")
+    unets = [s for s in reps if s.lora_unet_names != "bfl"]
     for n, w in modules.items():
         if re.search(r"attn2[._]to_[kv]$", n):
             width = w.in_width
-            fits = [s for s in reps if UNetConfig.preset(s.unet).context_dim == width]
+            fits = [s for s in unets if UNetConfig.preset(s.unet).context_dim == width]
             if fits:
                 return answer(fits, f"its cross-attention reads {width}-wide text features")
             break
+    if having("te1") and any(n.startswith("lora_te1_") for n in names):
+        return answer(having("te1"), "its text encoder keys are lora_te1_ (CLIP-L of a two-encoder model)")
     one_tower = [s for s in reps if len(s.lora_text_components) == 1]
     for n, w in modules.items():
         if re.search(r"mlp[._]fc1$", n) and n.startswith(("lora_te_", "text_encoder.")):
             width = w.in_width
             fits = [s for s in one_tower if CLIPTextConfig.preset(s.text_encoders[0]).hidden_size == width]
             return answer(fits or one_tower, "it has one text encoder (lora_te_ keys)")
-    version = (metadata or {}).get("ss_base_model_version", "")  # kohya: sd_v1, sd_v2_512, sdxl_base_v1-0, ...
+    version = (metadata or {}).get("ss_base_model_version", "")  # kohya: sd_v1, sd_v2_512, sdxl_base_v1-0, flux1
     for s in reps:
         stem = "_".join(s.base_model_version.split("_")[:2])
         if stem and version.startswith(stem):
@@ -322,8 +354,11 @@ def guess_family(modules: dict[str, dict], metadata: dict[str, str] | None = Non
 
 def _lineage_words(name: str) -> str:
     """"an SDXL", "an SD1.5/SD2.x": the article and title(s) of a family or a "/"-joined lineage list."""
-    titles = [FAMILIES[n].title if n in FAMILIES else n for n in name.split("/")]
-    return "an " + "/".join(titles)
+    reps = lineages()
+    titles = [FAMILIES[n].title if n in FAMILIES else reps[n].lineage_title or reps[n].title if n in reps else n
+              for n in name.split("/")]
+    words = "/".join(titles)
+    return ("an " if words[:1] in "AEIOSaeio" else "a ") + words  # "an SDXL", "a FLUX.1"
 
 
 def load_lora(bundle, path, strength: float = 1.0, strict: bool = True) -> LoRANetwork:
@@ -362,22 +397,8 @@ def network_from_tensors(bundle, tensors: dict[str, torch.Tensor], metadata: dic
             f"{source} is {words} LoRA ({why}) but the model is {bundle.family!r}; "
             f"load it on {words} model or pick a LoRA made for {bundle.family}"
         )
-    table: LoRANameTable = name_table(bundle)
-    parts = components_of(bundle)
-    targets, weights, bad = [], {}, explain_unknown(unknown, tensors)
-    for name, w in modules.items():
-        ref: ModuleRef | None = table.from_kohya(name) if name.startswith("lora_") else table.from_peft(name)
-        if ref is None:
-            bad.append(f"{name} (no such module)")
-            continue
-        layer = parts[ref.component].get_submodule(ref.path)
-        try:
-            fields = w.target_fields(weight_shape(layer), layer.bias is not None)
-        except ModuleMismatch as exc:
-            bad.append(f"{name} ({exc})")
-            continue
-        targets.append(LoRATarget(ref, **fields))
-        weights[ref.kohya] = w
+    targets, weights, bad = _targets(bundle, modules)
+    bad = explain_unknown(unknown, tensors) + bad
     if bad:
         listing = "; ".join(bad[:12]) + (f"; ... and {len(bad) - 12} more" if len(bad) > 12 else "")
         msg = f"{source}: {len(bad)} LoRA key(s)/module(s) do not match the {bundle.family} model: {listing}"
@@ -390,6 +411,61 @@ def network_from_tensors(bundle, tensors: dict[str, torch.Tensor], metadata: dic
     net.multiplier = strength
     net.file_metadata = metadata
     return net
+
+
+def _targets(bundle, modules: dict[str, LoRAModuleWeights]):
+    """(LoRATargets, kohya name -> tensors, problem lines) for the file's modules on `bundle`.
+
+    A module named whole in any spelling becomes its own target; LoRAs on diffusers pieces of one
+    fused Flux layer (`transformer.` / `lora_transformer_` / `lycoris_` + to_q, to_k, ...) become one
+    target through `models.lora.pieces.fuse_pieces`. A layer named twice is a problem, not a merge."""
+    table: LoRANameTable = name_table(bundle)
+    parts = components_of(bundle)
+    targets, weights, bad = [], {}, []
+    whole: dict[ModuleRef, str] = {}
+    pieces: dict[ModuleRef, list] = {}
+    for name, w in modules.items():
+        ref = table.lookup(name)
+        found = table.piece(name) if ref is None else None
+        if ref is not None:
+            if ref in whole:
+                bad.append(f"{name} (names {ref.path} like {whole[ref]} does)")
+                continue
+            whole[ref] = name
+            targets += _fit(parts, ref, name, w, weights, bad)
+        elif found is not None:
+            ref, mine = found
+            twice = [n for n, p, _ in pieces.get(ref, []) if p[0].module == mine[0].module]
+            if twice:
+                bad.append(f"{name} (names the diffusers module {mine[0].module} like {twice[0]} does)")
+            else:
+                pieces.setdefault(ref, []).append((name, mine, w))
+        else:
+            bad.append(f"{name} (no such module)")
+    for ref, group in pieces.items():
+        names = "+".join(n for n, _, _ in group)
+        if ref in whole:
+            bad.append(f"{names} (pieces of {ref.path}, which {whole[ref]} names whole)")
+            continue
+        try:
+            fused = fuse_pieces(weight_shape(parts[ref.component].get_submodule(ref.path)), ref.path, group)
+        except ModuleMismatch as exc:
+            bad.append(f"{names} ({exc})")
+            continue
+        targets += _fit(parts, ref, names, fused, weights, bad)
+    return targets, weights, bad
+
+
+def _fit(parts, ref: ModuleRef, name: str, w: LoRAModuleWeights, weights: dict, bad: list) -> list[LoRATarget]:
+    """[the target of tensors `w` on `ref`'s layer] (recorded in `weights`), or [] with the misfit in `bad`."""
+    layer = parts[ref.component].get_submodule(ref.path)
+    try:
+        fields = w.target_fields(weight_shape(layer), layer.bias is not None)
+    except ModuleMismatch as exc:
+        bad.append(f"{name} ({exc})")
+        return []
+    weights[ref.kohya] = w
+    return [LoRATarget(ref, **fields)]
 
 
 def _config_of(targets: list[LoRATarget], metadata: dict[str, str]) -> LoRAOptions:

@@ -1,6 +1,7 @@
-"""LoRA networks for our UNet and CLIP text encoders, with kohya/ComfyUI-compatible naming.
+"""LoRA networks for our denoisers (UNet, Flux transformer) and text encoders (CLIP, T5), with
+kohya/ComfyUI-compatible naming.
 
-    net = models.inject_lora(bundle, unet="kohya", text_encoders="te", rank=16, alpha=8)
+    net = models.inject_lora(bundle, unet="kohya", text_encoders="te", rank=16, alpha=8)   # Flux: unet="attn-mlp"
     optimizer = torch.optim.AdamW(net.param_groups(unet_lr=1e-4, te_lr=5e-5))
     ...
     net.save("out.safetensors")          # kohya names: loads in ComfyUI, A1111/Forge, diffusers
@@ -31,7 +32,10 @@ from .names import (
     UNET_PRESETS,
     ModuleRef,
     base_of,
+    check_denoiser_preset,
     components_of,
+    denoiser_kind,
+    denoiser_presets,
     drop_unread_text_layers,
     filter_layers,
     is_3x3,
@@ -291,33 +295,42 @@ class LoRANetwork(nn.Module):
         `.dora_scale` (ComfyUI, A1111/Forge, kohya, diffusers' kohya loader); LyCORIS names for
         the other kinds (`.lora_mid.weight`, `.hada_w1_a` ... `.hada_t2`, `.lokr_w1[_a/_b]`,
         `.lokr_w2[_a/_b]`, `.lokr_t2`).
-        format="peft": diffusers/PEFT names `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`,
+        format="peft": diffusers/PEFT names `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`
+        (Flux: `transformer.<diffusers path>`, fused layers split into their diffusers pieces),
         `text_encoder[_2].<HF path>...`, with alpha/rank folded into lora_B (PEFT's default scale is
-        1); NOT read by ComfyUI for attention layers, DoRA not supported.
+        1); NOT read by ComfyUI for SD attention layers (it reads Flux's), DoRA not supported.
         """
         out: dict[str, torch.Tensor] = {}
         for name, a in self.adapters().items():
             if format == "kohya":
-                tensors = a.export_tensors()
-                prefix = name
+                modules = {name: a.export_tensors()}
             elif format == "peft":
-                ref = self._refs[name]
-                if a.algo != "lora" or a.lora_mid is not None:
-                    raise ValueError(f"format='peft' holds plain LoRA only, not {a.algo}"
-                                     f"{' with a Tucker core' if a.algo == 'lora' else ''}; save in the kohya format")
-                if a.is_dora:
-                    raise ValueError("format='peft' cannot carry DoRA (dora_scale); save in the kohya format")
-                if ref.peft is None:
-                    raise ValueError(f"format='peft': module {ref.path} has no diffusers name; save in the kohya format")
-                down, up = a.lora_down.weight.detach(), a.lora_up.weight.detach()
-                tensors = {"lora_A.weight": down, "lora_B.weight": up * a.scale}
-                prefix = ref.peft
+                modules = self._peft_tensors(self._refs[name], a)
             else:
                 raise ValueError(f"unknown LoRA file format {format!r}; use 'kohya' or 'peft'")
-            for suffix, t in tensors.items():
-                t = t if dtype is None else t.to(dtype)
-                out[f"{prefix}.{suffix}"] = t.contiguous()
+            for prefix, tensors in modules.items():
+                for suffix, t in tensors.items():
+                    t = t if dtype is None else t.to(dtype)
+                    out[f"{prefix}.{suffix}"] = t.contiguous()
         return out
+
+    @staticmethod
+    def _peft_tensors(ref: ModuleRef, a: Adapter) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT module name -> lora_A / lora_B of one adapter (scale folded into lora_B); a Flux layer
+        diffusers splits gives one entry per diffusers piece (`models.lora.pieces.peft_pieces`)."""
+        if a.algo != "lora" or a.lora_mid is not None:
+            raise ValueError(f"format='peft' holds plain LoRA only, not {a.algo}"
+                             f"{' with a Tucker core' if a.algo == 'lora' else ''}; save in the kohya format")
+        if a.is_dora:
+            raise ValueError("format='peft' cannot carry DoRA (dora_scale); save in the kohya format")
+        down, up = a.lora_down.weight.detach(), a.lora_up.weight.detach() * a.scale
+        if ref.peft is not None:
+            return {ref.peft: {"lora_A.weight": down, "lora_B.weight": up}}
+        if ref.pieces:
+            from .pieces import peft_pieces
+
+            return peft_pieces(ref.pieces, down, up)
+        raise ValueError(f"format='peft': module {ref.path} has no diffusers name; save in the kohya format")
 
     def save(self, path, dtype: torch.dtype | None = torch.float16, metadata: dict | None = None,
              format: str = "kohya") -> dict[str, str]:
@@ -356,13 +369,16 @@ def inject_lora(
     text_encoder_alpha, dropout, rank_dropout, module_dropout, dora, factor, decompose_both,
     use_tucker, include, exclude) override it, e.g. `algo="lokr", factor=8`. Without `options`
     the defaults are those of `LoRAOptions` except that text encoders get no adapters.
-    unet: `attn` | `kohya` | `locon` | regex list on UNet module paths | None (no UNet adapters);
-    sets `options.preset` / `options.targets`.
-    text_encoders: `te` (q/k/v/out_proj, fc1, fc2 of every layer of every encoder) | regexes | None.
+    unet: the denoiser's targets: UNet `attn` | `kohya` | `locon`, Flux transformer `attn` |
+    `attn-mlp` | `attn-mlp-mod` (see `models.lora.flux_names`) | regex list on module paths | None (no
+    denoiser adapters); sets `options.preset` / `options.targets`. A preset of the other kind of
+    denoiser is a ValueError.
+    text_encoders: `te` (CLIP q/k/v/out_proj, fc1, fc2; T5 q/k/v/o, wi_0, wi_1, wo of every layer of
+    every encoder) | regexes | None.
     Linear and 1x1-conv adapters get `rank`/`alpha` (text encoders: `text_encoder_rank`/
     `text_encoder_alpha`), 3x3 convs `conv_rank`/`conv_alpha`. alpha None = rank (scale 1).
-    include / exclude: regexes searched in `<component>.<path>` (components `unet`, `te` or
-    `te1`/`te2`), e.g. exclude=[r"^unet\\.output_blocks\\.[0-2]\\."].
+    include / exclude: regexes searched in `<component>.<path>` (components `unet`, `te`, `te1`/`te2`
+    (SDXL) or `te1`/`te3` (Flux)), e.g. exclude=[r"^unet\\.output_blocks\\.[0-2]\\."].
     Base weights should be loaded (DoRA reads them) and the model in its final dtype; a model on
     meta can be injected for shape work (then `to_empty` + `net.reset_parameters()`).
     freeze_base: set requires_grad=False on every model parameter first, so that only the
@@ -376,27 +392,46 @@ def inject_lora(
     rank, lin_alpha = config.linear_shape()
     c_rank, c_alpha = config.conv_shape()
     te_rank, te_alpha = config.text_encoder_shape()
+    kind = denoiser_kind(bundle.spec)
+    check_denoiser_preset(bundle.spec, unet)
+    if kind != "unet":
+        for name in ("block_ranks", "block_alphas", "conv_block_ranks", "conv_block_alphas"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"{name}: per-block ranks follow the UNet's IN/MID/OUT blocks and {bundle.family} "
+                                 "has no UNet; set it to null and pick layers with include / exclude")
     table = name_table(bundle)
     parts = components_of(bundle)
     if freeze_base:
         bundle.requires_grad_(False)
     targets: list[LoRATarget] = []
+    selected, filtered, misses = {}, {}, []
     for component, root in parts.items():
         if component == "unet":
             if unet is None:
                 continue
-            chosen = select_layers(root, unet, UNET_PRESETS, f"UNet of {bundle.family}")
+            what = f"{'Flux transformer' if kind == 'flux' else 'UNet'} of {bundle.family}"
+            chosen = select_layers(root, unet, denoiser_presets(bundle.spec), what, kind)
         else:
             if text_encoders is None:
                 continue
-            chosen = select_layers(root, text_encoders, TEXT_ENCODER_PRESETS, f"text encoder {component} of {bundle.family}")
+            try:
+                chosen = select_layers(root, text_encoders, TEXT_ENCODER_PRESETS,
+                                       f"text encoder {component} of {bundle.family}")
+            except ValueError as exc:  # regexes may name layers of one encoder only (Flux: T5's q/k/v/o)
+                misses.append(exc)
+                continue
             chosen = drop_unread_text_layers(chosen, bundle, component)
-        kept = list(filter_layers(chosen, component, config.include, config.exclude))
-        if not kept:
-            raise ValueError(
-                f"LoRA include={config.include!r} / exclude={config.exclude!r} left no module of {component} "
-                f"({len(chosen)} selected before filtering)"
-            )
+        selected[component] = len(chosen)
+        filtered[component] = list(filter_layers(chosen, component, config.include, config.exclude))
+    if text_encoders is not None and misses and len(misses) == len(parts) - 1:
+        raise misses[0]
+    if not any(filtered.values()):
+        raise ValueError(
+            f"LoRA include={config.include!r} / exclude={config.exclude!r} left no module of "
+            f"{', '.join(selected)} ({sum(selected.values())} selected before filtering)"
+        )
+    for component, kept in filtered.items():
+        root = parts[component]
         blocks = unet_block_tables(root, config) if component == "unet" else (None, None)
         for path, layer in kept:
             if component != "unet":

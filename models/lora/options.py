@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-UNetPreset = Literal["attn", "kohya", "locon"]
-"""UNet target presets (`models.lora.names.UNET_PRESETS` selects their layers)."""
+UNetPreset = Literal["attn", "kohya", "locon", "attn-mlp", "attn-mlp-mod"]
+"""Denoiser target presets (`models.lora.names.UNET_PRESETS` selects their layers): `attn`, `kohya`,
+`locon` for UNets; `attn`, `attn-mlp`, `attn-mlp-mod` for the Flux transformer."""
 TextEncoderPreset = Literal["te"]
 """Text-encoder target presets (`models.lora.names.TEXT_ENCODER_PRESETS`)."""
 Algo = Literal["lora", "loha", "lokr"]
@@ -29,14 +30,17 @@ class LoRAOptions:
     (w1a @ w1b) * (w2a @ w2b) * alpha/rank), `lokr` (LyCORIS LoKr: kron(w1, w2) * scale). LoHa/LoKr
     files are written in LyCORIS's kohya-style names, which ComfyUI and A1111/Forge read."""
     preset: UNetPreset | None = "kohya"
-    """UNet targets: `attn` (q/k/v/out of every attention), `kohya` (every Linear / 1x1 conv in the
-    transformer blocks), `locon` (kohya + ResBlocks and up/downsampling convs); null = no UNet
-    adapters (text encoders only)."""
+    """Denoiser targets. UNet (SD1.5/SD2/SDXL): `attn` (q/k/v/out of every attention), `kohya` (every
+    Linear / 1x1 conv in the transformer blocks), `locon` (kohya + ResBlocks and up/downsampling
+    convs). Flux transformer: `attn` (double blocks' img/txt attention qkv and proj, single blocks'
+    linear1/linear2, which fuse attention with the MLP), `attn-mlp` (+ double blocks' MLPs),
+    `attn-mlp-mod` (+ the modulation layers: every Linear of the blocks, kohya sd-scripts' Flux
+    default). null = no denoiser adapters (text encoders only)."""
     targets: list[str] | None = None
-    """Regexes on UNet module paths (e.g. `attn2\\.to_k`); replaces `preset` when set."""
+    """Regexes on denoiser module paths (e.g. `attn2\\.to_k`, Flux `img_attn\\.qkv`); replaces `preset` when set."""
     include: list[str] = field(default_factory=list)
     """Keep only modules whose `<component>.<path>` matches one of these regexes (components
-    `unet`, `te` or `te1`/`te2`)."""
+    `unet` (the denoiser), `te` or `te1`/`te2` (SDXL) or `te1`/`te3` (Flux: CLIP-L, T5))."""
     exclude: list[str] = field(default_factory=list)
     """Drop modules whose `<component>.<path>` matches one of these regexes."""
     rank: int = 16
@@ -55,7 +59,8 @@ class LoRAOptions:
     module_dropout: float = 0.0
     """Probability of skipping a whole adapter per step during training."""
     text_encoders: str | list[str] | None = "te"
-    """Text-encoder targets (`te` = attention and MLP Linears, or regexes), used when
+    """Text-encoder targets (`te` = attention and MLP Linears: CLIP q/k/v/out_proj, fc1, fc2; T5 q/k/v/o,
+    wi_0, wi_1, wo; or regexes), used when
     `train.train_text_encoders` is true; null = no text-encoder adapters."""
     text_encoder_rank: int | None = None
     """Rank of text-encoder adapters; null = rank."""
