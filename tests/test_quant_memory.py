@@ -81,4 +81,4 @@ def test_cli_prints_one_table_per_family_with_every_mode(capsys):
     for mode in ("none", "fp8", "int8", "nf4"):
         for ckpt in ("none", "layer"):
             assert out.count(f"| {mode} | {ckpt} |") == 2
-    assert "batch 1: peak GiB" in out and "batch 2: peak GiB" in out
+    assert "batch 1: peak MiB" in out and "batch 2: peak MiB" in out  # tiny families print MiB
