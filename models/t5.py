@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .quant.model import compute_dtype
+
 __all__ = [
     "T5_EMBEDDING_KEYS",
     "T5Config",
@@ -222,8 +224,9 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
-        # `wo` may be kept in fp32 inside an fp16 model (the fp16 product overflows there).
-        return self.wo(h.to(self.wo.weight.dtype))
+        # `wo` may be kept in fp32 inside an fp16 model (the fp16 product overflows there). Its
+        # compute dtype, seen through quantized layers and LoRA wrappers, which have no `.weight`.
+        return self.wo(h.to(compute_dtype(self.wo)))
 
 
 class T5LayerFF(nn.Module):

@@ -144,6 +144,17 @@ class T5Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def save(self, folder: str | Path) -> Path:
+        """Write `tokenizer.json` and a tokenizer_config.json holding this row length into `folder`
+        (what a FLUX.1 diffusers `tokenizer_2/` holds; `from_files` reads it back). Returns `folder`."""
+        from .checkpoints.fileio import write_json, write_text
+
+        folder = Path(folder)
+        write_text(folder / TOKENIZER_JSON, self._tok.to_str())
+        write_json(folder / "tokenizer_config.json", {"tokenizer_class": "T5TokenizerFast", "model_max_length":
+                   self.max_length, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+        return folder
+
 
 def _read_tokenizer_config(folder: Path) -> dict:
     """`model_max_length` / `extra_ids` from tokenizer_config.json, when the folder has one."""

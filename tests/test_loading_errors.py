@@ -125,9 +125,9 @@ def test_diffusers_folder_problems(tmp_path):
     with pytest.raises(ModelLoadError, match="only pickle weights.*--allow-pickle"):
         load_model(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "FluxPipeline"
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="is a FluxPipeline pipeline; supported"):
+    with pytest.raises(ModelLoadError, match="is a StableDiffusion3Pipeline pipeline; supported"):
         load_model(folder)
     with pytest.raises(ModelLoadError, match="folder without model_index.json"):
         load_model(folder / "vae")

@@ -9,6 +9,10 @@ A folder looks like:
     vae/config.json + diffusion_pytorch_model[.fp16].safetensors
     text_encoder[_2]/config.json + model[.fp16].safetensors
     tokenizer[_2]/vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+
+A FLUX.1 (`FluxPipeline`) folder has `transformer/` (diffusers names, `flux_keys`) instead of
+`unet/`, a T5 `text_encoder_2/` (transformers `T5EncoderModel`) and its `tokenizer_2/tokenizer.json`,
+and a flow-matching scheduler config.
 """
 from __future__ import annotations
 
@@ -49,8 +53,8 @@ __all__ = [
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
 """Pipeline component names of the text encoders, in bundle order (tokenizers: `tokenizer[_2]`)."""
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                **{slot: "model.safetensors" for slot in TEXT_ENCODER_SLOTS}}
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "transformer": "diffusion_pytorch_model.safetensors",
+                "vae": "diffusion_pytorch_model.safetensors", **{slot: "model.safetensors" for slot in TEXT_ENCODER_SLOTS}}
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -169,18 +173,36 @@ def _write_tokenizer(tok: CLIPTokenizer, folder: Path) -> None:
                  "do_lower_case": True, "clean_up_tokenization_spaces": True})
 
 
+def _is_flux(bundle) -> bool:
+    from ..flux import FluxConfig
+
+    return isinstance(bundle.denoiser.config, FluxConfig)
+
+
 def diffusers_state_dicts(bundle) -> dict[str, dict[str, torch.Tensor]]:
     """{component: state dict under diffusers/transformers names} (views; works on meta)."""
-    out = {
-        "unet": unet_state_dict_to_diffusers(bundle.unet.state_dict(), bundle.unet.config),
-        "vae": vae_state_dict_to_diffusers(bundle.vae.state_dict(), bundle.vae.config),
-    }
+    from ..t5 import T5_EMBEDDING_KEYS
+
+    if _is_flux(bundle):
+        from .flux_keys import flux_state_dict_to_diffusers
+
+        out = {"transformer": flux_state_dict_to_diffusers(bundle.denoiser.state_dict(), bundle.denoiser.config)}
+    else:
+        out = {"unet": unet_state_dict_to_diffusers(bundle.unet.state_dict(), bundle.unet.config)}
+    out["vae"] = vae_state_dict_to_diffusers(bundle.vae.state_dict(), bundle.vae.config)
     for slot, te in zip(TEXT_ENCODER_SLOTS, bundle.text_encoders):
-        out[slot] = dict(te.state_dict())
+        out[slot] = {k: v for k, v in te.state_dict().items() if k != T5_EMBEDDING_KEYS[1]}  # T5: tied, written once
     return out
 
 
 def _scheduler_config(bundle) -> dict:
+    spec = bundle.spec
+    if _is_flux(bundle):  # FLUX.1's: dev shifts t with the image size, schnell does not
+        shift = spec.flow_shift
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                "num_train_timesteps": 1000, "shift": 3.0 if shift else 1.0, "use_dynamic_shifting": bool(shift),
+                "base_shift": shift[0] if shift else 0.5, "max_shift": shift[1] if shift else 1.15,
+                "base_image_seq_len": 256, "max_image_seq_len": 4096}
     return {
         "_class_name": "EulerDiscreteScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -204,7 +226,7 @@ def save_diffusers(bundle, folder: str | Path, dtype: torch.dtype | None = None)
     Each file is written atomically; component weights are single (unsharded) safetensors files.
     """
     folder = Path(folder)
-    param_dtype = dtype or bundle.unet.input_blocks[0][0].weight.dtype
+    param_dtype = dtype or next(p.dtype for p in bundle.denoiser.parameters() if p.is_floating_point())
     write_diffusers_configs(bundle, folder, param_dtype)
     for component, state in diffusers_state_dicts(bundle).items():
         save_file(state, folder / component / WEIGHT_FILES[component], {"format": "pt"}, dtype)
@@ -214,25 +236,44 @@ def save_diffusers(bundle, folder: str | Path, dtype: torch.dtype | None = None)
 def write_diffusers_configs(bundle, folder: str | Path, param_dtype: torch.dtype = torch.float32) -> Path:
     """Everything of a diffusers folder but the weights: model_index.json, the components'
     config.json, scheduler config and tokenizer files (works for a bundle on `meta`)."""
+    from ..clip import CLIPTextConfig
+    from ..t5 import t5_config_to_transformers
+
     folder = Path(folder)
     spec = bundle.spec
     if not spec.diffusers_pipeline:
         raise ValueError(f"no diffusers pipeline layout for family {bundle.family!r}")
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, object] = {"_class_name": spec.diffusers_pipeline, "_diffusers_version": DIFFUSERS_VERSION}
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     sample = bundle.spec.resolution // bundle.vae.config.downsample_factor
-    _write_json(folder / "unet" / "config.json", unet_config_to_diffusers(bundle.unet.config, sample_size=sample))
+    if _is_flux(bundle):
+        from .flux_keys import flux_config_to_diffusers
+
+        index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        _write_json(folder / "transformer" / "config.json",
+                    {**flux_config_to_diffusers(bundle.denoiser.config), "_diffusers_version": DIFFUSERS_VERSION})
+    else:
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+        _write_json(folder / "unet" / "config.json", unet_config_to_diffusers(bundle.unet.config, sample_size=sample))
+    index["vae"] = ["diffusers", "AutoencoderKL"]
     _write_json(folder / "vae" / "config.json", vae_config_to_diffusers(bundle.vae.config, sample_size=bundle.spec.resolution))
+    dtype_name = _DTYPE_NAMES.get(param_dtype, "float32")
     for slot, te, tok in zip(TEXT_ENCODER_SLOTS, bundle.text_encoders, bundle.tokenizers):
         tokenizer = slot.replace("text_encoder", "tokenizer")
-        config = clip_config_to_transformers(te.config, _DTYPE_NAMES.get(param_dtype, "float32"))
+        if isinstance(te.config, CLIPTextConfig):
+            config = clip_config_to_transformers(te.config, dtype_name)
+            _write_tokenizer(tok, folder / tokenizer)
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
+        else:  # T5: its vocabulary, when the bundle has one (no T5 vocabulary ships with lorasmith)
+            config = t5_config_to_transformers(te.config, dtype_name)
+            saved = callable(getattr(tok, "save", None))
+            if saved:
+                tok.save(folder / tokenizer)
+            index[tokenizer] = ["transformers", "T5TokenizerFast"] if saved else [None, None]
         index[slot] = ["transformers", config["architectures"][0]]
-        index[tokenizer] = ["transformers", "CLIPTokenizer"]
         _write_json(folder / slot / "config.json", config)
-        _write_tokenizer(tok, folder / tokenizer)
     index.update(dict(spec.diffusers_index_extras))
     _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(bundle))
     _write_json(folder / "model_index.json", index)

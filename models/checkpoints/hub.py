@@ -17,14 +17,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HubError", "HubRef", "download", "parse_hub_source"]
+__all__ = ["HubError", "HubRef", "download", "download_tokenizer", "parse_hub_source"]
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+_TOKENIZER_FILES = ["*.json", "*.txt", "*.model"]  # vocab.json + merges.txt (CLIP), tokenizer.json / spiece.model (T5)
 _META_PATTERNS = [
     "model_index.json",
     "scheduler/scheduler_config.json",
     *(f"{c}/config.json" for c in COMPONENTS),
-    "tokenizer/*.json", "tokenizer/*.txt", "tokenizer_2/*.json", "tokenizer_2/*.txt",
+    *(f"{d}/{p}" for d in ("tokenizer", "tokenizer_2") for p in _TOKENIZER_FILES),
 ]
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _URL = re.compile(rf"^https?://(?:www\.)?huggingface\.co/({_NAME}/{_NAME})/(?:blob|resolve)/([^/]+)/(.+)$")
@@ -130,4 +131,22 @@ def download(ref: HubRef, prefer_half: bool = False, component: bool = False) ->
     except HubError:
         raise
     except Exception as exc:  # noqa: BLE001 - huggingface_hub / httpx / requests errors, by name (versions differ)
+        raise _explain(exc, what) from None
+
+
+def download_tokenizer(ref: HubRef) -> Path:
+    """Fetch a tokenizer: one file (`ref.filename`), or the tokenizer files of a repo, from its
+    `tokenizer_2/` folder (a FLUX.1 pipeline repo) when it has one, else from its root (e.g. a T5
+    repo's spiece.model). Returns the file or the folder holding them."""
+    import huggingface_hub
+
+    what = f"{ref.repo_id}/{ref.filename}" if ref.filename else f"the tokenizer of {ref.repo_id}"
+    try:
+        if ref.filename is not None:
+            return Path(huggingface_hub.hf_hub_download(ref.repo_id, ref.filename, revision=ref.revision))
+        patterns = [*(f"tokenizer_2/{p}" for p in _TOKENIZER_FILES), "tokenizer.json", "spiece.model",
+                    "tokenizer_config.json", "special_tokens_map.json"]
+        root = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        return root / "tokenizer_2" if (root / "tokenizer_2").is_dir() else root
+    except Exception as exc:  # noqa: BLE001 - as in `download`
         raise _explain(exc, what) from None

@@ -1,8 +1,11 @@
-"""`load_model`: any SD1.5 / SD2.x / SDXL checkpoint -> a `ModelBundle` of our native modules.
+"""`load_model`: any SD1.5 / SD2.x / SDXL or FLUX.1 checkpoint -> a `ModelBundle` of our native modules.
 
 Sources: a diffusers folder (plain, fp16-variant or sharded weights), a single-file checkpoint
 (`.safetensors`), a Hugging Face repo id / file / URL, plus optional separate `vae=` / `unet=`
-files or folders. Pickle checkpoints (.ckpt/.pt/.bin) only with `allow_pickle=True`.
+files or folders. Pickle checkpoints (.ckpt/.pt/.bin) only with `allow_pickle=True`. FLUX.1
+checkpoints (a transformer file with separate VAE / text-encoder files, a ComfyUI all-in-one file,
+a diffusers `FluxPipeline` folder) are assembled by `flux_files`; `text_encoders=` / `tokenizers=`
+name the separate text-encoder files and the T5 tokenizer.
 
 How: each part's config comes from its config.json (diffusers) or from the tensor shapes (single
 file); modules are built on the `meta` device (no memory, no random init). On the CPU, tensors
@@ -20,41 +23,30 @@ NaN/inf as it is materialised (one fused min/max pass over data that is being re
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ..bundle import ModelBundle
 from ..families import FAMILIES, lineages
-from .diffusers_folder import (
-    PICKLE_SUFFIXES,
-    FolderError,
-    load_tokenizer,
-    pickle_weights_file,
-    pipeline_class,
-    prediction_type,
-    read_json,
-    weights_file,
+from .components import (
+    folder_text,
+    folder_unet,
+    folder_vae,
+    local_path,
+    open_weights,
+    shapes_of,
+    text_part,
+    unet_from_diffusers_store,
+    vae_from_diffusers_store,
 )
-from .diffusers_keys import (
-    VAE_DIFFUSERS_LEGACY_NAMES,
-    UnsupportedConfigError,
-    clip_config_from_transformers,
-    unet_config_from_diffusers,
-    unet_prefix_map,
-    unet_to_diffusers_key,
-    vae_config_from_diffusers,
-    vae_to_diffusers_key,
-)
-from .hub import HubError, download, parse_hub_source
-from .openclip_keys import (
-    HF_IGNORED_KEYS,
-    openclip_name_to_hf,
-    openclip_to_hf,
-)
+from .diffusers_folder import FolderError, load_tokenizer, pipeline_class, prediction_type, read_json
+from .diffusers_keys import UnsupportedConfigError, unet_config_from_diffusers, vae_config_from_diffusers
+from .flux_files import FLUX_BASE, flux_parts, is_flux_source
+from .hub import HubError
 from .materialize import ModelLoadError, Part, materialize, title, validate_parts
-from .safetensors_io import SafetensorsError, TensorStore
+from .safetensors_io import SafetensorsError
 from .single_file import (
     SUPPORTED,
     UNET_PREFIX,
@@ -79,12 +71,9 @@ from .single_file import (
 )
 from ..clip import CLIPTextConfig
 from ..tokenizer import CLIPTokenizer
-from ..unet import UNetConfig
-from ..vae import VAEConfig
 
 __all__ = ["ModelLoadError", "load_model", "open_weights"]
 # ModelLoadError lives with the checks that raise most of them; it is part of this module's API.
-
 
 
 _TEXT_SLOTS = ("text_encoder", "text_encoder_2")
@@ -105,64 +94,47 @@ def load_model(
     prediction_type: str | None = None,
     mmap: bool = True,
     quantize: Mapping[str, str] | None = None,
+    text_encoders: Sequence[str | Path | None] | None = None,
+    tokenizers: Sequence[str | Path | None] | None = None,
 ) -> ModelBundle:
     """Load a checkpoint into a ModelBundle (modules in eval mode).
 
     source: diffusers folder, single `.safetensors` file, hub repo id, `user/repo/file.safetensors`
         or a huggingface.co file URL.
-    family: "sdxl" / "sd15" / "sd2" (or a tiny test family) to insist on; None detects it.
-    dtype: parameter dtype; None keeps what the file stores (per module, the widest float dtype).
+    family: "sdxl" / "sd15" / "sd2" / "flux-dev" / "flux-schnell" (or a tiny test family) to insist
+        on; None detects it.
+    dtype: parameter dtype; None keeps what the file stores (per module, the widest float dtype;
+        fp8-stored weights are upcast to it, never computed in fp8).
     device: where the parameters are created.
-    vae / unet: a separate VAE / UNet file or folder (ldm or diffusers layout) replacing the
-        source's (e.g. the fp16-fix SDXL VAE).
+    vae / unet: a separate VAE / denoiser (UNet or FLUX.1 transformer) file or folder (ldm, BFL or
+        diffusers layout) replacing the source's (e.g. the fp16-fix SDXL VAE, or FLUX.1's
+        `ae.safetensors` beside a transformer-only file).
     variant: weight variant of a diffusers folder ("fp16"); the plain weights are used when
         the folder has none (and the variant when it has only that).
     allow_pickle: load .ckpt/.pt/.bin files with `torch.load(weights_only=True)`.
-    prediction_type: "epsilon" / "v_prediction" overriding what the checkpoint implies.
+    prediction_type: "epsilon" / "v_prediction" overriding what the checkpoint implies (SD only).
     mmap: on the CPU, keep tensors whose stored dtype is already the target as copy-on-write
         views of the file (no copy: faster, memory = file pages shared with the page cache).
         Pass False for private copies, e.g. if the file may be rewritten in place (not by
         rename) while the model is in use.
     quantize: part (`unet`, `text_encoder`, `text_encoder_2`) -> `fp8` | `int8` | `nf4` | `none`:
         pack those parts' quantizable weights while loading (`models.quant`).
+    text_encoders: FLUX.1 only: one file or folder per text encoder, in order [CLIP-L, T5-XXL]
+        (e.g. [`clip_l.safetensors`, `t5xxl_fp16.safetensors`]); None entries keep the source's.
+    tokenizers: FLUX.1 only: one tokenizer source per text encoder; None entries keep the
+        source's (CLIP-L's vocabulary ships with lorasmith). The T5 tokenizer is a folder holding
+        `tokenizer.json` or `spiece.model` (a FLUX.1 diffusers `tokenizer_2/`), one of those
+        files, or a hub repo id.
     Raises ModelLoadError.
     """
     try:
         return _load(source, family, dtype, torch.device(device), vae, unet, variant, allow_pickle, prediction_type,
-                     mmap, quantize or {})
+                     mmap, quantize or {}, text_encoders, tokenizers)
     except _EXPECTED_ERRORS as e:
         raise ModelLoadError(str(e)) from None
 
 
-def open_weights(path: str | Path, allow_pickle: bool = False) -> TensorStore:
-    """A TensorStore over a `.safetensors` file, a sharded index, or (opt-in) a pickle checkpoint."""
-    path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"{path} is a pickle checkpoint ({path.suffix}), which can run arbitrary code when loaded; convert it "
-                f"once with `python -m trainer convert {path} {path.with_suffix('.safetensors')} --allow-pickle` "
-                "(or pass allow_pickle=True if you trust the file)"
-            )
-        return _pickle_store(path)
-    try:
-        return TensorStore.open(path)
-    except SafetensorsError as e:
-        raise ModelLoadError(str(e)) from None
-
-
 # ---- orchestration --------------------------------------------------------------------------
-def _local(source: str | Path, prefer_half: bool, component: bool = False) -> Path:
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    ref = parse_hub_source(str(source))
-    if ref is None:
-        raise ModelLoadError(f"{source} does not exist: give a local file or folder, a hub repo id "
-                             "(user/repo), a hub file (user/repo/file.safetensors) or a huggingface.co URL")
-    return download(ref, prefer_half=prefer_half, component=component)
-
-
 def _check_family(family: str | None) -> str | None:
     if family is None:
         return None
@@ -171,10 +143,23 @@ def _check_family(family: str | None) -> str | None:
     return FAMILIES[family].base
 
 
-def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred, zero_copy, quantize) -> ModelBundle:
+def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred, zero_copy, quantize,
+          text_encoders, tokenizers) -> ModelBundle:
     want_base = _check_family(family)
     prefer_half = dtype == torch.float16 or variant == "fp16"
-    path = _local(source, prefer_half)
+    path = local_path(source, prefer_half)
+    if want_base == FLUX_BASE or is_flux_source(path, allow_pickle):
+        if pred is not None:
+            raise ModelLoadError(f"prediction_type={pred!r} does not apply to FLUX.1 (a flow-matching model that "
+                                 "predicts velocity); leave it unset")
+        flux = flux_parts(path, family, variant=variant, prefer_half=prefer_half, allow_pickle=allow_pickle,
+                          vae=vae, denoiser=unet, text_encoders=text_encoders, tokenizers=tokenizers)
+        return _assemble(flux.family, flux.parts, flux.tokenizers, FAMILIES[flux.family], FLUX_BASE, family,
+                         dtype, device, zero_copy, quantize, check=flux.check_widths)
+    if text_encoders is not None or tokenizers is not None:
+        given = "text_encoders" if text_encoders is not None else "tokenizers"
+        raise ModelLoadError(f"{given}= names separate text-encoder files / tokenizers of a FLUX.1 model; {path} is "
+                             "not one (SD checkpoints carry their text encoders: leave it unset)")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"{path} is a folder without model_index.json, so not a diffusers pipeline; "
@@ -183,25 +168,34 @@ def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred,
     else:
         base, parts, tokenizers, hinted = _from_single_file(path, want_base, family, allow_pickle)
     if vae is not None:
-        vae_path = _local(vae, prefer_half, component=True)
+        vae_path = local_path(vae, prefer_half, component=True)
         parts["vae"] = _override("vae", vae_path, base, parts["vae"].config, variant, prefer_half, allow_pickle)
     if unet is not None:
-        unet_path = _local(unet, prefer_half, component=True)
+        unet_path = local_path(unet, prefer_half, component=True)
         parts["unet"] = _override("unet", unet_path, base, parts["unet"].config, variant, prefer_half, allow_pickle)
-    modules = {slot: meta_module(part.config) for slot, part in parts.items()}
-    validate_parts(parts, modules, base, family)
-    for slot, part in parts.items():
-        materialize(modules[slot], part, dtype, device, zero_copy, quantize.get(slot))
-    for part in parts.values():
-        part.sources.clear()  # drop the last views so the memory maps can close
-        part.store.close()
     name = matching_family(base, family, parts["unet"].config, parts["vae"].config,
                            [parts[s].config for s in _TEXT_SLOTS if s in parts])
     spec = FAMILIES[name]
     if pred is not None or hinted is not None:
         spec = dataclasses.replace(spec, prediction_type=pred or hinted)
+    return _assemble(name, parts, tokenizers, spec, base, family, dtype, device, zero_copy, quantize)
+
+
+def _assemble(name, parts, tokenizers, spec, base, family, dtype, device, zero_copy, quantize,
+              check=None) -> ModelBundle:
+    """Check every part against its module (then `check()`, how the parts fit together),
+    materialise them and make the bundle."""
+    modules = {slot: meta_module(part.config) for slot, part in parts.items()}
+    validate_parts(parts, modules, base, family)
+    if check is not None:
+        check()
+    for slot, part in parts.items():
+        materialize(modules[slot], part, dtype, device, zero_copy, quantize.get(slot))
+    for part in parts.values():
+        part.sources.clear()  # drop the last views so the memory maps can close
+        part.store.close()
     encoders = [modules[s] for s in _TEXT_SLOTS if s in modules]
-    bundle = ModelBundle(family=name, unet=modules["unet"], vae=modules["vae"], text_encoders=encoders,
+    bundle = ModelBundle(family=name, denoiser=modules["unet"], vae=modules["vae"], text_encoders=encoders,
                          tokenizers=tokenizers, spec=spec)
     for module in bundle.modules().values():
         module.eval()
@@ -209,26 +203,6 @@ def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred,
 
 
 # ---- single files ---------------------------------------------------------------------------
-def _pickle_store(path: Path) -> TensorStore:
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise ModelLoadError(f"{path}: cannot load it as a weights-only pickle ({type(e).__name__}: {e}); "
-                             "it may contain code or be corrupt") from None
-    while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict")
-    return TensorStore(tensors={k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, name=str(path))
-
-
-def _shapes(sources: Mapping[str, str | torch.Tensor], store: TensorStore) -> dict[str, tuple[int, ...]]:
-    return {k: (store.shape(v) if isinstance(v, str) else tuple(v.shape)) for k, v in sources.items()}
-
-
 def _from_single_file(path: Path, want_base, family, allow_pickle):
     store = open_weights(path, allow_pickle)
     keys = list(store)
@@ -239,20 +213,20 @@ def _from_single_file(path: Path, want_base, family, allow_pickle):
             f"{family!r} was requested; pass family={base!r} or leave family unset"
         )
     hinted = prediction_type_hint(keys, store.metadata)
-    parts: dict[str, Part] = {}
+    parts = {}
     claimed = set()
     unet_src = {k[len(UNET_PREFIX):]: k for k in keys if k.startswith(UNET_PREFIX)}
-    cfg = pick_config("unet", _shapes(unet_src, store), base, family, lambda s: infer_unet_config(s, base))
-    parts["unet"] = Part("unet", cfg, store, unet_src, label=dict(unet_src), prefix=UNET_PREFIX)
+    cfg = pick_config("unet", shapes_of(unet_src, store), base, family, lambda s: infer_unet_config(s, base))
+    parts["unet"] = _prefixed_part("unet", cfg, store, unet_src, UNET_PREFIX)
     vae_src = {k[len(VAE_PREFIX):]: k for k in keys if k.startswith(VAE_PREFIX) and not is_ignored(k)}
     like = presets_for("vae", base, family)[0]
-    cfg = pick_config("vae", _shapes(vae_src, store), base, family, lambda s: infer_vae_config(s, like))
-    parts["vae"] = Part("vae", cfg, store, vae_src, label=dict(vae_src), prefix=VAE_PREFIX)
+    cfg = pick_config("vae", shapes_of(vae_src, store), base, family, lambda s: infer_vae_config(s, like))
+    parts["vae"] = _prefixed_part("vae", cfg, store, vae_src, VAE_PREFIX)
     claimed.update(unet_src.values(), vae_src.values())
     for i, prefix in enumerate(text_prefixes(base)):
         slot = _TEXT_SLOTS[i]
-        part = _text_part(slot, prefix, store, keys)
-        shapes = _shapes(part.sources, store)
+        part = text_part(slot, prefix, store, keys, is_ignored)
+        shapes = shapes_of(part.sources, store)
         activation = "gelu" if is_openclip_prefix(prefix) else "quick_gelu"
         try:
             inferred = infer_clip_config(shapes, activation)
@@ -269,65 +243,11 @@ def _from_single_file(path: Path, want_base, family, allow_pickle):
     return base, parts, tokenizers, hinted
 
 
-def _text_part(slot: str, prefix: str, store: TensorStore, keys: list[str]) -> Part:
-    part = Part(slot, None, store, prefix=prefix)
-    mine = [k for k in keys if k.startswith(prefix) and not is_ignored(k)]
-    if is_openclip_prefix(prefix):
-        usable = {}
-        for k in mine:
-            try:
-                openclip_name_to_hf(k[len(prefix):])
-                usable[k] = True
-            except KeyError:
-                part.unexpected.append(k)
-        try:
-            views = openclip_to_hf(_Subset(store, usable), prefix) if usable else {}
-        except ValueError as e:
-            raise ModelLoadError(f"{store.name}: {e}") from None
-        part.sources.update(views)
-        for key in usable:
-            for target in openclip_name_to_hf(key[len(prefix):]) or ():
-                part.origin[target] = key
-                part.label[target] = key
-    else:
-        for k in mine:
-            name = k[len(prefix):]
-            if name in HF_IGNORED_KEYS:
-                continue
-            if not name.startswith(("text_model.", "text_projection")):
-                name = "text_model." + name  # files from older transformers lack the `text_model.` level
-            part.sources[name] = k
-            part.label[name] = k
-    return part
-
-
-class _Subset(Mapping):
-    """The keys of `store` listed in `keys` (lets openclip_to_hf see only the usable ones)."""
-
-    def __init__(self, store: TensorStore, keys: Mapping[str, bool]):
-        self._store, self._keys = store, keys
-
-    def __getitem__(self, key):
-        return self._store[key]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
+def _prefixed_part(slot, config, store, sources, prefix) -> Part:
+    return Part(slot, config, store, sources, label=dict(sources), prefix=prefix)
 
 
 # ---- diffusers folders ----------------------------------------------------------------------
-def _component_store(folder: Path, variant, prefer_half, allow_pickle) -> TensorStore:
-    try:
-        return TensorStore.open(weights_file(folder, variant, prefer_half))
-    except FolderError:
-        pickled = pickle_weights_file(folder) if allow_pickle else None
-        if pickled is None:
-            raise
-        return _pickle_store(pickled)
-
-
 def _from_folder(path: Path, want_base, family, variant, prefer_half, allow_pickle):
     cls = pipeline_class(path)
     index = read_json(path / "model_index.json")
@@ -337,10 +257,10 @@ def _from_folder(path: Path, want_base, family, variant, prefer_half, allow_pick
         raise ModelLoadError(f"{path} is a {cls} without a CLIP-L text encoder (an SDXL refiner?); "
                              f"supported: {SUPPORTED}")
     has_te2 = bool(index.get("text_encoder_2")) and index.get("text_encoder_2") != [None, None]
-    parts: dict[str, Part] = {"unet": _folder_unet(path / "unet", variant, prefer_half, allow_pickle),
-                               "vae": _folder_vae(path / "vae", variant, prefer_half, allow_pickle)}
+    parts = {"unet": folder_unet(path / "unet", variant, prefer_half, allow_pickle),
+             "vae": folder_vae(path / "vae", variant, prefer_half, allow_pickle)}
     for slot in _TEXT_SLOTS[: 2 if has_te2 else 1]:
-        parts[slot] = _folder_text(path / slot, variant, prefer_half, allow_pickle)
+        parts[slot] = folder_text(path / slot, variant, prefer_half, allow_pickle)
     base = _folder_lineage(path, cls, [parts[s].config for s in _TEXT_SLOTS if s in parts])
     if want_base is not None and want_base != base:
         raise ModelLoadError(f"{path} is an {title(base)} pipeline ({cls}) but family={family!r} was "
@@ -355,70 +275,17 @@ def _folder_lineage(path: Path, cls: str, encoders: list) -> str:
     """The lineage of a diffusers pipeline folder: the family declaring this pipeline class with
     as many text encoders, of the same activation (OpenCLIP towers use gelu, CLIP-L quick_gelu)."""
     for spec in lineages().values():
-        presets = [CLIPTextConfig.preset(p) for p in spec.text_encoders]
-        if spec.diffusers_pipeline == cls and len(presets) == len(encoders) and all(
-                p.activation == e.activation for p, e in zip(presets, encoders)):
+        if spec.diffusers_pipeline != cls or len(spec.text_encoders) != len(encoders):
+            continue
+        presets = spec.text_encoder_configs()
+        if all(isinstance(p, CLIPTextConfig) and p.activation == e.activation for p, e in zip(presets, encoders)):
             return spec.base
     raise ModelLoadError(f"{path} is a {cls} whose {len(encoders)} text encoder(s) match no supported family; "
                          f"supported: {SUPPORTED}")
 
 
-def _map_part(slot: str, config, store: TensorStore, names: Mapping[str, list[str]]) -> Part:
-    """A part whose parameter `p` comes from the first of `names[p]` present in `store`."""
-    part = Part(slot, config, store)
-    used = set()
-    for param, candidates in names.items():
-        hit = next((c for c in candidates if c in store), None)
-        part.label[param] = candidates[0]
-        if hit is not None:
-            part.sources[param] = hit
-            used.add(hit)
-    part.unexpected = [k for k in store if k not in used and k not in HF_IGNORED_KEYS]
-    return part
-
-
-def _folder_unet(folder: Path, variant, prefer_half, allow_pickle, config=None) -> Part:
-    if config is None:
-        config = unet_config_from_diffusers(read_json(folder / "config.json"), str(folder / "config.json"))
-    store = _component_store(folder, variant, prefer_half, allow_pickle)
-    return _unet_from_diffusers_store(store, config)
-
-
-def _unet_from_diffusers_store(store: TensorStore, config: UNetConfig) -> Part:
-    prefix_map = unet_prefix_map(config)
-    params = meta_module(config).state_dict()
-    return _map_part("unet", config, store, {p: [unet_to_diffusers_key(p, prefix_map) or p] for p in params})
-
-
-def _folder_vae(folder: Path, variant, prefer_half, allow_pickle) -> Part:
-    config = vae_config_from_diffusers(read_json(folder / "config.json"), str(folder / "config.json"))
-    store = _component_store(folder, variant, prefer_half, allow_pickle)
-    return _vae_from_diffusers_store(store, config)
-
-
-def _vae_from_diffusers_store(store: TensorStore, config: VAEConfig) -> Part:
-    names = {}
-    for p in meta_module(config).state_dict():
-        name = vae_to_diffusers_key(p, config) or p
-        alts = [name]
-        for legacy, current in VAE_DIFFUSERS_LEGACY_NAMES.items():  # e.g. `query.` for `to_q.`
-            if f".attentions.0.{current}" in name:
-                alts.append(name.replace(f".attentions.0.{current}", f".attentions.0.{legacy}"))
-        names[p] = alts
-    return _map_part("vae", config, store, names)
-
-
-def _folder_text(folder: Path, variant, prefer_half, allow_pickle) -> Part:
-    store = _component_store(folder, variant, prefer_half, allow_pickle)
-    config = clip_config_from_transformers(read_json(folder / "config.json"), "text_projection.weight" in store,
-                                           str(folder / "config.json"))
-    # transformers >= 5 saves CLIPTextModel without the `text_model.` level; older files have it.
-    names = {p: [p, p.removeprefix("text_model.")] for p in meta_module(config).state_dict()}
-    return _map_part(folder.name, config, store, names)
-
-
 # ---- overrides ------------------------------------------------------------------------------
-def _override(slot: str, path: Path, base, default, variant, prefer_half, allow_pickle) -> Part:
+def _override(slot: str, path: Path, base, default, variant, prefer_half, allow_pickle):
     """The `unet` or `vae` part given separately (`unet=` / `vae=`): a diffusers folder (or its
     component folder), a bare file with diffusers names (config from a `config.json` beside it),
     or ldm names with or without the single-file prefix (from a full checkpoint only that part's
@@ -427,7 +294,7 @@ def _override(slot: str, path: Path, base, default, variant, prefer_half, allow_
     unet = slot == "unet"
     if path.is_dir():
         folder = path / slot if (path / "model_index.json").is_file() else path
-        return (_folder_unet if unet else _folder_vae)(folder, variant, prefer_half, allow_pickle)
+        return (folder_unet if unet else folder_vae)(folder, variant, prefer_half, allow_pickle)
     store = open_weights(path, allow_pickle)
     keys = list(store)
     foreign = describe_foreign(keys)
@@ -437,12 +304,12 @@ def _override(slot: str, path: Path, base, default, variant, prefer_half, allow_
         cfg_path = path.parent / "config.json"
         from_diffusers = unet_config_from_diffusers if unet else vae_config_from_diffusers
         config = from_diffusers(read_json(cfg_path), str(cfg_path)) if cfg_path.is_file() else default
-        return (_unet_from_diffusers_store if unet else _vae_from_diffusers_store)(store, config)
+        return (unet_from_diffusers_store if unet else vae_from_diffusers_store)(store, config)
     full = UNET_PREFIX if unet else VAE_PREFIX
     prefix = full if any(k.startswith(full) for k in keys) else ""
     sources = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and not is_ignored(k)}
     infer = (lambda sh: infer_unet_config(sh, base)) if unet else (lambda sh: infer_vae_config(sh, default))
-    config = pick_config(slot, _shapes(sources, store), base, None, infer)
+    config = pick_config(slot, shapes_of(sources, store), base, None, infer)
     if (same_unet_shapes if unet else same_vae_shapes)(config, default):
         config = default
-    return Part(slot, config, store, sources, label=dict(sources), prefix=prefix)
+    return _prefixed_part(slot, config, store, sources, prefix)

@@ -4,6 +4,7 @@ parameter given memory of the wanted dtype and device, zero-copy where the memor
 with a finiteness check on the data as it is touched."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,15 +15,29 @@ from .openclip_keys import hf_name_to_openclip
 from .safetensors_io import TensorStore, all_finite, count_nonfinite
 from .single_file import describe_foreign, is_openclip_prefix, looks_like_lora
 
-__all__ = ["ModelLoadError", "Part", "materialize", "title", "validate_parts"]
+__all__ = ["Lazy", "ModelLoadError", "Part", "materialize", "title", "validate_parts"]
 
 
 def title(base: str) -> str:
     """Human name of a lineage (\"SDXL\", \"SD1.5\") for messages."""
-    return lineages()[base].title
+    spec = lineages()[base]
+    return spec.lineage_title or spec.title
 
 class ModelLoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A parameter's tensor that is built only when it is read (e.g. the row-wise concatenation
+    of several stored tensors), so that a loader holds one such tensor at a time. `shape` and
+    `dtype` are known without reading; `keys` are the store keys `build` reads (their pages are
+    released once the result is copied)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    build: Callable[[], torch.Tensor]
+    keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -32,15 +47,20 @@ class Part:
     slot: str  # unet, vae, text_encoder, text_encoder_2
     config: object
     store: TensorStore
-    sources: dict[str, str | torch.Tensor] = field(default_factory=dict)  # param -> store key or view
+    sources: dict[str, str | torch.Tensor | Lazy] = field(default_factory=dict)  # param -> store key, view or Lazy
     unexpected: list[str] = field(default_factory=list)  # store keys nothing uses
     label: dict[str, str] = field(default_factory=dict)  # param -> name in the file, for messages
     prefix: str = ""  # file-name prefix of parameters the file lacks, for messages
     origin: dict[str, str] = field(default_factory=dict)  # param given as a view -> store key it views
+    # Scaled-fp8 weights (ComfyUI `scale_weight` / `weight_scale`): param -> store key of its fp32
+    # scale (a scalar or one per output row); the weight is the stored fp8 tensor times it.
+    scales: dict[str, str] = field(default_factory=dict)
 
 
 # ---- validation and materialisation ---------------------------------------------------------
 def validate_parts(parts: dict[str, Part], modules: dict[str, nn.Module], base: str, family: str | None) -> None:
+    """Every parameter of every module found with its shape and every stored tensor used, else one
+    ModelLoadError listing the first few of each problem."""
     missing, unexpected, mismatched = [], [], []
     where = sorted({p.store.name for p in parts.values()})
     for slot, part in parts.items():
@@ -101,11 +121,13 @@ def _likely_cause(missing, unexpected, mismatched, family) -> str:
 
 
 def _stored_dtype(part: Part) -> torch.dtype:
-    """Widest floating dtype among the part's tensors (dtype=None keeps what the file has)."""
+    """Widest floating dtype among the part's tensors (dtype=None keeps what the file has).
+    fp8 is a storage format, never a compute dtype: fp8-stored weights are upcast to the widest
+    other dtype (float32 when everything is fp8)."""
     best = None
     for src in part.sources.values():
         dt = part.store.dtype(src) if isinstance(src, str) else src.dtype
-        if dt.is_floating_point and (best is None or dt.itemsize > best.itemsize):
+        if dt.is_floating_point and dt.itemsize > 1 and (best is None or dt.itemsize > best.itemsize):
             best = dt
     return best or torch.float32
 
@@ -127,10 +149,14 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
                  zero_copy: bool, quantize: str | None = None) -> None:
     """Give every parameter its tensor in the target dtype/device: the file view itself when
     allowed (CPU, same dtype, own storage), else one copy, after which the file pages are dropped.
+    A parameter stored as scaled fp8 is the stored tensor times its scale (`Part.scales`), in fp32,
+    then converted. Parameters read from the same stored tensor (a tied embedding under two names)
+    share one tensor.
 
     quantize: `fp8` | `int8` | `nf4` packs the weights of the module's quantizable layers as they
-    are read (`models.quant.loading`) and swaps those layers for quantized ones; None / `none`
-    loads everything in the target dtype."""
+    are read (`models.quant.loading`) and swaps those layers for quantized ones; a weight stored in
+    float8_e4m3fn keeps its stored bytes and scale in `fp8` (exact, no full-precision copy). None /
+    `none` loads everything in the target dtype."""
     target = dtype or _stored_dtype(part)
     zero_copy = zero_copy and materialize_mode == "auto" and device.type == "cpu"
     quantizer = None
@@ -139,29 +165,48 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
 
         quantizer = LoadQuantizer(module, quantize, target, device)
 
-    def source(name: str, shape) -> torch.Tensor:
+    def stored(name: str, shape) -> torch.Tensor:
+        """The tensor as the file has it (a view, or a Lazy's result), in `shape`."""
         src = part.sources[name]
-        tensor = part.store[src] if isinstance(src, str) else src
+        if isinstance(src, Lazy):
+            tensor = src.build()
+        else:
+            tensor = part.store[src] if isinstance(src, str) else src
         return tensor if tuple(tensor.shape) == tuple(shape) else tensor.reshape(shape)
 
+    def scale_of(name: str, ndim: int) -> torch.Tensor:
+        """The fp32 scale of a scaled-fp8 weight, shaped to broadcast over it (scalar or per row)."""
+        scale = part.store[part.scales[name]].float()
+        return scale.reshape(-1, *([1] * (ndim - 1))) if scale.numel() > 1 else scale.reshape(())
+
+    def source(name: str, shape) -> torch.Tensor:
+        tensor = stored(name, shape)
+        if name in part.scales:  # scaled fp8: the weight is stored * scale (computed in fp32)
+            tensor = tensor.float() * scale_of(name, tensor.ndim)
+        return tensor
+
+    def _key(name: str) -> str | None:
+        src = part.sources[name]
+        return src if isinstance(src, str) else part.origin.get(name)
+
     def done(name: str) -> None:
-        key = part.sources[name] if isinstance(part.sources[name], str) else part.origin.get(name)
-        if key is not None:
-            part.store.release(key)  # drop the file pages just copied
+        src = part.sources[name]
+        for key in (src.keys if isinstance(src, Lazy) else (_key(name),)):
+            if key is not None:
+                part.store.release(key)  # drop the file pages just copied
 
     def require_finite(name: str, loaded: torch.Tensor) -> None:
         if all_finite(loaded):
             return
-        src = part.sources[name]
-        key = src if isinstance(src, str) else part.origin.get(name)
+        key = _key(name)
         where = part.store.source_of(key) if key is not None else part.store.name
         label = part.label.get(name) or _file_name(part, name)
-        stored = source(name, loaded.shape)
-        if all_finite(stored):
+        original = stored(name, loaded.shape)
+        if all_finite(original) and (name not in part.scales or all_finite(part.store[part.scales[name]])):
             raise ModelLoadError(
                 f"{where}: tensor {label!r} has values beyond the range of {loaded.dtype} (inf after conversion); "
                 "load the model in bf16 or fp32 (model.dtype)")
-        nan, inf = count_nonfinite(stored)
+        nan, inf = count_nonfinite(original)
         raise ModelLoadError(
             f"{where}: tensor {label!r} holds non-finite values ({nan} NaN, {inf} inf); the checkpoint is damaged "
             "(a failed download, conversion or merge) and would give black images - re-download or re-convert it")
@@ -179,15 +224,26 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
             quantize_model(module, quantize, compute_dtype=target)
         return
     state = {}
+    shared: dict[str, torch.Tensor] = {}  # store key -> the tensor made from it (tied parameters)
     for name, ref in module.state_dict().items():
-        tensor = source(name, ref.shape)
+        src = part.sources.get(name)
+        if isinstance(src, str) and src in shared and name not in part.scales:
+            state[name] = shared[src]
+            continue
         if quantizer is not None and quantizer.claims(name):
-            require_finite(name, tensor)
-            quantizer.take(name, tensor)  # only the packed weight is kept
+            raw = stored(name, ref.shape)
+            if quantize == "fp8" and raw.dtype == torch.float8_e4m3fn:
+                require_finite(name, raw)
+                quantizer.take_fp8(name, raw, scale_of(name, 1) if name in part.scales else None)
+            else:
+                tensor = source(name, ref.shape)
+                require_finite(name, tensor)
+                quantizer.take(name, tensor)  # only the packed weight is kept
             done(name)
             continue
+        tensor = source(name, ref.shape)
         wanted = target if tensor.is_floating_point() else tensor.dtype
-        if zero_copy and tensor.dtype == wanted:
+        if zero_copy and tensor.dtype == wanted and name not in part.scales and not isinstance(src, Lazy):
             if not _owns_storage(tensor) and tensor.is_contiguous() and name in part.origin:
                 # A row block of a fused tensor (OpenCLIP q/k/v): view just those bytes.
                 part_view = part.store.view_part(part.origin[name], tensor.storage_offset(), tuple(ref.shape))
@@ -195,11 +251,16 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
             if _owns_storage(tensor):
                 require_finite(name, tensor)
                 state[name] = tensor  # a copy-on-write view of the file: no copy at all
+                if isinstance(src, str):
+                    shared[src] = tensor
                 continue
         out = torch.empty(ref.shape, dtype=wanted, device=device)
         out.copy_(tensor)
+        del tensor
         require_finite(name, out)
         state[name] = out
+        if isinstance(src, str):
+            shared[src] = out
         done(name)
     if quantizer is not None:
         quantizer.install(module, state)

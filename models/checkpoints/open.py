@@ -16,6 +16,7 @@ never quantized. The compute dtype of quantized layers is `dtype` (the stored dt
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -43,7 +44,9 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
                variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
                seed: int | None = None,
                labels: tuple[str, str, str] = ("model.family", "model.source", "model.vae"),
-               quantize: str = "none", quantize_text_encoders: str = "none") -> ModelBundle:
+               quantize: str = "none", quantize_text_encoders: str = "none",
+               text_encoders: Sequence[str | None] | None = None,
+               tokenizers: Sequence[str | None] | None = None) -> ModelBundle:
     """The `ModelBundle` of `source` on `device`, frozen and in eval mode.
 
     family: expected family (None detects it; for a family-name source it must agree).
@@ -53,6 +56,9 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
     labels: how the caller names family, source and vae in messages (config keys or CLI flags).
     quantize / quantize_text_encoders: weight format of the frozen denoiser / text encoders
     (`none` | `fp8` | `int8` | `nf4`, see `models.quant`).
+    text_encoders / tokenizers: separate text-encoder files and tokenizer sources, one entry per
+    encoder (None keeps the checkpoint's); FLUX.1 from ComfyUI-style files:
+    text_encoders=[clip_l.safetensors, t5xxl_fp16.safetensors], tokenizers=[None, <T5 tokenizer folder>].
     """
     from ..quant.model import check_mode, quantize_model
 
@@ -65,9 +71,11 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
         if family is not None and family != source:
             raise ModelLoadError(f"{family_key}: {family!r} contradicts {source_key}={source!r}; leave it unset "
                                  f"or set it to {source!r}")
-        if vae is not None or unet is not None:
-            raise ModelLoadError(f"{vae_key if vae is not None else 'unet'} replaces a part of a loaded checkpoint; "
-                                 "it cannot be used with a random-weight family source")
+        replaced = [name for name, value in ((vae_key, vae), ("unet", unet), ("text_encoders", text_encoders),
+                                             ("tokenizers", tokenizers)) if value is not None]
+        if replaced:
+            raise ModelLoadError(f"{replaced[0]} replaces a part of a loaded checkpoint; it cannot be used with a "
+                                 "random-weight family source")
         bundle = build_model(source, device="cpu", dtype=dtype or torch.float32, seed=seed)
         if prediction_type is not None:
             bundle.spec = dataclasses.replace(bundle.spec, prediction_type=prediction_type)
@@ -78,7 +86,8 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
         # weights ever reach it.
         bundle = load_model(source, family=family, dtype=dtype, vae=vae, unet=unet, variant=variant,
                             allow_pickle=allow_pickle, prediction_type=prediction_type,
-                            device=device if quantized else "cpu", quantize=plan if quantized else None)
+                            device=device if quantized else "cpu", quantize=plan if quantized else None,
+                            text_encoders=text_encoders, tokenizers=tokenizers)
     if (vae_param_dtype := vae_dtype_for(bundle.vae.config, dtype, vae_dtype)) is not None:
         bundle.vae.to(dtype=vae_param_dtype)
     bundle.to(device=device)

@@ -37,6 +37,7 @@ __all__ = [
     "UNET_PREFIX",
     "VAE_PREFIX",
     "UnsupportedModelError",
+    "describe_component",
     "detect_family",
     "infer_clip_config",
     "infer_unet_config",
@@ -130,7 +131,12 @@ def describe_foreign(keys: list[str]) -> str | None:
     if any("joint_blocks." in k for k in keys):
         return "a Stable Diffusion 3 (MMDiT) checkpoint (keys like 'model.diffusion_model.joint_blocks.*')"
     if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
-        return "a Flux checkpoint (keys like 'double_blocks.*')"
+        from .flux_keys import is_flux_transformer
+
+        if is_flux_transformer(keys):
+            return "a FLUX.1 checkpoint (keys like 'double_blocks.*')"
+        return ("a Flux-style transformer that is not FLUX.1 (keys like 'double_blocks.*' without FLUX.1's per-block "
+                "'img_mod'): Chroma, FLUX.2 or another relative, which this loader does not read")
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and not any(
         k.startswith("conditioner.embedders.1.") for k in keys
     ):
@@ -141,8 +147,22 @@ def describe_foreign(keys: list[str]) -> str | None:
     return None
 
 
+def describe_component(keys: Iterable[str]) -> str | None:
+    """What a file holding one component, not a model, is ("a VAE (keys like ...)"), else None."""
+    keys = set(keys)
+    if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys):
+        return "a T5 text encoder (keys like 'encoder.block.*')"
+    if any(k.endswith(("text_model.encoder.layers.0.self_attn.q_proj.weight", "encoder.layers.0.self_attn.q_proj.weight"))
+           for k in keys) and not any(k.startswith(UNET_PREFIX) for k in keys):
+        return "a CLIP text encoder (keys like 'text_model.*')"
+    if {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= keys:
+        return "a VAE (keys like 'encoder.conv_in.weight')"
+    return None
+
+
 SUPPORTED = ("SD1.5, SD2.x and SDXL single-file checkpoints (model.diffusion_model.*, first_stage_model.* and "
-             "their text encoders), diffusers folders, or hub ids of those")
+             "their text encoders), diffusers folders, or hub ids of those; FLUX.1 transformer files, ComfyUI "
+             "all-in-one files and FluxPipeline folders")
 
 
 def detect_family(keys: Iterable[str], where: str) -> str:
@@ -155,6 +175,11 @@ def detect_family(keys: Iterable[str], where: str) -> str:
     if foreign:
         raise UnsupportedModelError(f"{where} is {foreign}; supported: {SUPPORTED}")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
+        component = describe_component(keys)
+        if component is not None:
+            raise UnsupportedModelError(
+                f"{where} is {component}, not a full model: a VAE goes in vae=..., a UNet in unet=..., FLUX.1's "
+                "CLIP-L and T5 files in text_encoders=[clip_l, t5xxl] beside the FLUX.1 transformer")
         raise UnsupportedModelError(
             f"{where} has no SD UNet ('model.diffusion_model.input_blocks.*'; found {len(keys)} tensors like "
             f"{_sample(keys)}); supported: {SUPPORTED}. A bare UNet or VAE file goes in unet=... / vae=..."
@@ -405,18 +430,26 @@ def single_file_state_dict(bundle) -> dict[str, torch.Tensor]:
     """The bundle's weights under single-file names (views where no conversion is needed).
 
     Adds the constant entries single files conventionally carry (CLIP-L `position_ids`, OpenCLIP
-    `logit_scale`), so an SDXL/SD1.5 bundle gives exactly the reference key set. Works on `meta`.
+    `logit_scale`), so an SDXL/SD1.5 bundle gives exactly the reference key set. The VAE and text
+    encoders go under the family's prefixes (FLUX.1: ComfyUI's `vae.` and `text_encoders.*`); a T5
+    writes its tied embedding once, as `shared.weight`. Works on `meta`.
     """
-    prefixes = bundle.spec.single_file_text_prefixes
+    from ..t5 import T5_EMBEDDING_KEYS
+
+    spec = bundle.spec
+    prefixes = spec.single_file_text_prefixes
     if not prefixes:
         raise ValueError(f"no single-file layout for family {bundle.family!r}")
     out: dict[str, torch.Tensor] = {}
-    for k, v in bundle.unet.state_dict().items():
+    for k, v in bundle.denoiser.state_dict().items():
         out[UNET_PREFIX + k] = v
     for k, v in bundle.vae.state_dict().items():
-        out[VAE_PREFIX + k] = v
+        out[spec.single_file_vae_prefix + k] = v
     for prefix, encoder in zip(prefixes, bundle.text_encoders):
         sd = encoder.state_dict()
+        if not isinstance(encoder.config, CLIPTextConfig):
+            out.update({prefix + k: v for k, v in sd.items() if k != T5_EMBEDDING_KEYS[1]})
+            continue
         weight = sd["text_model.embeddings.token_embedding.weight"]
         if is_openclip_prefix(prefix):
             out.update(hf_to_openclip(sd, prefix))

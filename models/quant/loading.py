@@ -60,6 +60,17 @@ class LoadQuantizer:
             trim_c_heap()
             self._since_trim = 0
 
+    @torch.no_grad()
+    def take_fp8(self, name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Keep the weight `name` stored in float8_e4m3fn (times `scale`: a scalar or one per output
+        row; None for 1) as it is, in format `fp8`: its bytes become `qweight`, the scale `qscale`.
+        Exact: no full-precision copy and no second rounding."""
+        path = name.rpartition(".")[0]
+        qweight, qscale = self.packed[path]
+        qweight.copy_(weight.view(torch.uint8).reshape(qweight.shape))
+        qscale.copy_((scale.float() if scale is not None else torch.ones(1)).reshape(-1).expand(qscale.shape))
+        self.taken.add(path)
+
     def install(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Swap each chosen layer of `module` for its quantized class (on meta, to be assigned) and
         add its packed tensors to `state` under `<path>.qweight` / `<path>.qscale`."""
