@@ -50,6 +50,10 @@ SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
 """`trainer.sampling.samplers.SAMPLER_NAMES`."""
 QuantizeMode = Literal["none", "fp8", "int8", "nf4"]
 """`models.quant.formats.MODES`."""
+TrainMode = Literal["lora", "full"]
+"""What a run trains: LoRA adapters or the model's own weights (`trainer.full`)."""
+FullDtype = Literal["fp32", "bf16"]
+"""Dtypes of fully trained weights (`trainer.full.FullWeights`)."""
 BuiltinFamily = Literal["sd15", "sd2", "sdxl", "flux-dev", "flux-schnell", "tiny-sd15", "tiny-sdxl", "tiny-flux"]
 """The families `models.families` registers itself. Plug-ins may register more, so
 `model.family` is a plain string checked against both (see `trainer.config_checks`)."""
@@ -79,7 +83,8 @@ class ModelConfig:
     one a plug-in registered) when
     it cannot be detected from `source`; null = detect."""
     dtype: Precision = "fp32"
-    """Storage dtype of the frozen base weights. LoRA weights always train in fp32."""
+    """Storage dtype of the frozen base weights. LoRA weights always train in fp32; fully trained
+    parts in `train.full_dtype`."""
     vae: str | None = None
     """Separate VAE (single file, folder or hub id) replacing the base model's, e.g. an fp16-fix VAE."""
     text_encoders: list[str | None] | None = None
@@ -144,8 +149,22 @@ class TrainConfig:
     channels_last: bool = False
     """Channels-last memory format for the UNet weights; convolution outputs follow (faster
     convolutions on recent GPUs with bf16/fp16)."""
+    mode: TrainMode = "lora"
+    """What trains: `lora` (adapters on the frozen model, exported as a LoRA file) or `full` (the
+    denoiser's own weights, and the text encoders' with `train_text_encoders`; exported as a whole
+    single-file model). Full runs checkpoint, resume, average (EMA), sample and validate as LoRA runs
+    do; the `lora` section, LoRA+ and block multipliers do not apply to them."""
+    full_dtype: FullDtype = "fp32"
+    """`mode: full`: dtype of the trained weights. `fp32` master weights (`mixed_precision` autocasts
+    the forward pass); `bf16` halves weight, gradient and checkpoint memory, with AdamW whose fp32
+    update is rounded into bf16 stochastically (needs `optim.name: adamw`, `mixed_precision: bf16`)."""
+    full_targets: list[str] | None = None
+    """`mode: full`: train only the parameters whose `<component>.<name>` matches one of these regexes
+    (components `unet` (the denoiser), `te` or `te1`/`te2`/`te3`; e.g. `[attn1, attn2]` for the UNet's
+    attention); null = every parameter of the trained parts."""
     train_text_encoders: bool = False
-    """Also train LoRA adapters on the text encoders (needs `data.cache_text: false`)."""
+    """Also train the text encoders: LoRA adapters on them, or with `mode: full` their weights (needs
+    `data.cache_text: false`)."""
     offload_frozen: bool = True
     """Move the frozen parts that caching made idle to CPU memory once the caches are built: the
     VAE with `data.cache_latents`, the text encoders with `data.cache_text` (unless they train).
@@ -203,8 +222,9 @@ class TrainConfig:
     unmasked_weight: float = 0.0
     """Loss weight of the pixels a mask ignores, in [0, 1] (0 = ignored completely)."""
     ema_decay: float | None = None
-    """Keep an exponential moving average of the adapter weights, ema = decay * ema + (1 - decay) *
-    weights every `ema_every` steps, exported as `<name>-ema.safetensors`; null = off. 0 <= decay
+    """Keep an exponential moving average of the trained weights (adapters, or the model's with
+    `mode: full`), ema = decay * ema + (1 - decay) * weights every `ema_every` steps, exported as
+    `<name>-ema.safetensors`; null = off. 0 <= decay
     < 1 (0 = the EMA equals the current weights; 0.999 averages over about 1000 updates)."""
     ema_every: int = 1
     """Update the EMA every N optimizer steps."""
@@ -217,11 +237,12 @@ class TrainConfig:
     zero_terminal_snr: bool = False
     """Rescale the noise schedule to zero SNR at the last step (use with v-prediction)."""
     export_every: int = 0
-    """Export the LoRA (ComfyUI/kohya file) every N steps; the final export always happens."""
+    """Export the LoRA (ComfyUI/kohya file; `mode: full`: the model) every N steps; the final export
+    always happens."""
     log_every: int = 10
     """Log scalars (loss, lr, grad norm, throughput, memory) every N steps."""
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm of the adapters; null = no clipping."""
+    """Clip the global gradient norm of the trained weights; null = no clipping."""
     device: Literal["auto", "cpu"] = "auto"
     """`auto` uses the GPU when there is one; `cpu` forces CPU."""
     cpu_threads: int | None = None
@@ -298,7 +319,10 @@ class OutputConfig:
     name: str = "lora"
     """Run name: the run directory and the exported file `<name>.safetensors`."""
     export_dtype: Precision = "fp16"
-    """dtype of the exported LoRA tensors."""
+    """dtype of the exported LoRA tensors (`train.mode: full`: of the exported model's tensors)."""
+    export_diffusers: bool = False
+    """`train.mode: full`: also write every exported model as a diffusers folder `<stem>-diffusers/`
+    beside its single file."""
     overwrite: bool = False
     """Allow starting fresh in a run directory that already has checkpoints (they are deleted)."""
     tensorboard: bool = True

@@ -324,7 +324,7 @@ def _check_family_training(cfg: Config, spec) -> None:
     """Training options that depend on the family: checkpointing granularity, objective, guidance."""
     t = cfg.train
     preset = cfg.lora.preset
-    if cfg.lora.targets is None and preset is not None and preset not in spec.lora_presets:
+    if t.mode != "full" and cfg.lora.targets is None and preset is not None and preset not in spec.lora_presets:
         _fail("lora.preset", f"{preset!r} does not apply to {spec.title or spec.name}; choose one of "
               f"{', '.join(spec.lora_presets)} (or lora.targets regexes)")
     granularity = t.gradient_checkpointing

@@ -136,27 +136,27 @@ class LoRATrainingRecipe:
         torch.manual_seed(seed)
 
     def _build_bundle(self):
-        from models.checkpoints.open import open_model
+        from .model_setup import open_training_bundle
 
-        m = self.cfg.model
-        bundle = open_model(m.source, family=m.family, dtype=torch_dtype(m.dtype), device=self.device, vae=m.vae,
-                            vae_dtype=torch_dtype(m.vae_dtype) if m.vae_dtype else None, variant=m.variant,
-                            allow_pickle=m.allow_pickle, prediction_type=m.prediction_type, seed=m.seed,
-                            quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders)
-        if granularity := self.cfg.train.gradient_checkpointing:
-            bundle.denoiser.set_gradient_checkpointing(True, "block" if granularity is True else granularity)
-        return bundle
+        return open_training_bundle(self.cfg, self.device)
 
     def _inject_lora(self) -> None:
+        """`self.network`: the trained weights, LoRA adapters or (`train.mode: full`) the model's own
+        (`trainer.full.FullWeights`, with the same interface)."""
         import models
+
+        from .full import FullWeights
 
         lora, t = self.cfg.lora, self.cfg.train
         torch.manual_seed(t.seed)  # identical adapter init on every process and on resume
         try:
-            self.network = models.inject_lora(
-                self.bundle, options=lora, text_encoders=lora.text_encoders if t.train_text_encoders else None)
+            if t.mode == "full":
+                self.network = FullWeights(self.bundle, t, export_diffusers=self.cfg.output.export_diffusers)
+            else:
+                self.network = models.inject_lora(
+                    self.bundle, options=lora, text_encoders=lora.text_encoders if t.train_text_encoders else None)
         except ValueError as exc:
-            raise TrainingError(f"lora: {exc}") from None
+            raise TrainingError(f"{'train' if t.mode == 'full' else 'lora'}: {exc}") from None
         self.network.to(self.device)
         self.network.train()
         if t.channels_last:  # after injection, so LoCon adapter convs follow too
@@ -249,7 +249,11 @@ class LoRATrainingRecipe:
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
         self.group_names = [g["name"] for g in groups]
-        optimizer = build_optimizer(groups, o, allow_fused=t.mixed_precision != "fp16")
+        make = self.network.build_optimizer if t.mode == "full" else build_optimizer  # full: bf16 weights' own
+        try:
+            optimizer = make(groups, o, allow_fused=t.mixed_precision != "fp16")
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
         self.scheduler = build_scheduler(optimizer, o, t.max_steps)
         self.denoiser = Denoiser(self.bundle, encode_text=t.train_text_encoders)
         self.model, self.optimizer = self.accelerator.prepare(self.denoiser, optimizer)
@@ -268,8 +272,9 @@ class LoRATrainingRecipe:
         ck = self.ckpt.load(path)
         mismatch = layout_mismatch(self.network.state_dict(), ck.weights)
         if mismatch:
-            raise TrainingError(f"checkpoint {path} does not match the LoRA layout of this config ({mismatch}); "
-                                f"resume with the config it was trained with ({self.run_dir / 'config.yaml'})")
+            raise TrainingError(f"checkpoint {path} does not match the {self._what} layout of this config "
+                                f"({mismatch}); resume with the config it was trained with "
+                                f"({self.run_dir / 'config.yaml'})")
         self.network.load_state_dict(ck.weights)
         self.optimizer.load_state_dict(ck.optimizer)
         self.scheduler.load_state_dict(ck.scheduler)
@@ -529,12 +534,17 @@ class LoRATrainingRecipe:
                         self.network.save(path.with_name(f"{path.stem}-ema{path.suffix}"), dtype=dtype,
                                           metadata=self._export_metadata(weights="ema"))
             except OSError as exc:
-                raise TrainingError(f"could not write the LoRA {path} ({exc.strerror or exc}); training state up to "
-                                    f"{self.ckpt.latest() or 'the start'} is saved: free disk space or make the "
-                                    "directory writable, then rerun with train.resume=latest") from None
-            self._log(f"exported LoRA to {path}")
+                raise TrainingError(f"could not write the {self._what} {path} ({exc.strerror or exc}); training "
+                                    f"state up to {self.ckpt.latest() or 'the start'} is saved: free disk space or "
+                                    "make the directory writable, then rerun with train.resume=latest") from None
+            self._log(f"exported {self._what} to {path}")
         self.accelerator.wait_for_everyone()
         return path
+
+    @property
+    def _what(self) -> str:
+        """What a run trains and exports, for messages."""
+        return "model" if self.cfg.train.mode == "full" else "LoRA"
 
     def _export_metadata(self, weights: str = "trained") -> dict[str, str]:
         return training_metadata(
