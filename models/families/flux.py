@@ -92,12 +92,15 @@ class MissingT5Tokenizer:
         self.title, self.max_length = title, max_length
         self.pad_token_id, self.eos_token_id = 0, 1
 
+    @property
+    def unavailable(self) -> str:
+        """Why this tokenizer cannot tokenize, and how to give the real one."""
+        return (f"{self.title}: no T5 tokenizer loaded; give the folder holding tokenizer.json or spiece.model "
+                "(a diffusers FLUX.1 folder has it in tokenizer_2/) as model.tokenizers: [null, <folder>] "
+                "(generate/convert: --tokenizers none <folder>)")
+
     def __call__(self, texts):
-        raise RuntimeError(
-            f"{self.title}: no T5 tokenizer loaded; give the folder holding tokenizer.json or spiece.model "
-            "(a diffusers FLUX.1 folder has it in tokenizer_2/) as model.tokenizers: [null, <folder>] "
-            "(generate: --t5-tokenizer <folder>)"
-        )
+        raise RuntimeError(self.unavailable)
 
     def __repr__(self) -> str:
         return f"MissingT5Tokenizer({self.title!r})"

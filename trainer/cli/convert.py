@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..config import DTYPE_NAMES, torch_dtype
+from .generate import add_part_arguments, parse_slots
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert floating tensors (default: keep the stored dtypes)")
     parser.add_argument("--family", default=None, help="insist on a family (sdxl, sd15, sd2); default: detect")
     parser.add_argument("--vae", default=None, help="replace the VAE with this file/folder (e.g. an fp16-fix VAE)")
+    add_part_arguments(parser)
     parser.add_argument("--unet", default=None, help="replace the UNet with this file/folder")
     parser.add_argument("--variant", default=None, help="diffusers weight variant to read (e.g. fp16)")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     # stored dtypes are kept (bit-exact).
     # The file is written in `dtype` (or the stored dtypes): the VAE keeps them too (vae_dtype=dtype).
     bundle = open_model(args.src, family=args.family, dtype=dtype, vae_dtype=dtype, vae=args.vae, unet=args.unet,
+                        text_encoders=parse_slots(args.text_encoders), tokenizers=parse_slots(args.tokenizers),
                         variant=args.variant, allow_pickle=args.allow_pickle, labels=("--family", "SRC", "--vae"))
     if layout == "single-file":
         save_single_file(bundle, dst, dtype=dtype)

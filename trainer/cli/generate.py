@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training YAML whose model/sample settings are the defaults")
     parser.add_argument("--family", default=None, help="model family when it cannot be detected (sdxl, sd15, sd2)")
     parser.add_argument("--vae", default=None, help="separate VAE file/folder replacing the model's")
+    add_part_arguments(parser)
     parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="UNet/text-encoder dtype (auto: fp16 on GPU, fp32 on CPU; the SDXL VAE stays fp32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -124,6 +125,23 @@ def pick_device(text: str) -> torch.device:
     return device
 
 
+def add_part_arguments(parser: argparse.ArgumentParser) -> None:
+    """--text-encoders / --tokenizers: parts given per text-encoder slot (shared by generate and convert)."""
+    parser.add_argument("--text-encoders", nargs="+", default=None, metavar="PATH",
+                        help="text-encoder files/folders replacing the model's, one per slot in the family's order "
+                             "('none' keeps a slot), e.g. FLUX.1: clip_l.safetensors t5xxl_fp16.safetensors")
+    parser.add_argument("--tokenizers", nargs="+", default=None, metavar="PATH",
+                        help="tokenizer folders/files, one per slot ('none' keeps a slot); FLUX.1 outside a diffusers "
+                             "folder needs its T5 tokenizer: --tokenizers none /models/FLUX.1-dev/tokenizer_2")
+
+
+def parse_slots(values: list[str] | None) -> list[str | None] | None:
+    """Per-slot flag values with 'none'/'null'/'-' meaning "keep the model's"."""
+    if not values:
+        return None
+    return [None if v.lower() in ("none", "null", "-") else v for v in values]
+
+
 @dataclasses.dataclass
 class GenerateSettings:
     """Resolved settings of one `generate` run: flags over config over defaults."""
@@ -147,6 +165,10 @@ class GenerateSettings:
     out: Path
     family: str | None = None
     vae: str | None = None
+    text_encoders: list[str | None] | None = None
+    """Per encoder slot: a file/folder replacing the model's text encoder (None keeps it)."""
+    tokenizers: list[str | None] | None = None
+    """Per encoder slot: a tokenizer folder/file (None keeps the model's)."""
     variant: str | None = None
     allow_pickle: bool = False
     model_seed: int = 0
@@ -216,6 +238,8 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         out=out,
         family=args.family or (m.family if m else None),
         vae=args.vae or (m.vae if m else None),
+        text_encoders=parse_slots(args.text_encoders) or (m.text_encoders if m else None),
+        tokenizers=parse_slots(args.tokenizers) or (m.tokenizers if m else None),
         variant=m.variant if m else None,
         allow_pickle=m.allow_pickle if m else False,
         model_seed=m.seed if m else 0,
@@ -232,6 +256,7 @@ def load_bundle(settings: GenerateSettings, device: torch.device, dtype: torch.d
     from models.checkpoints.open import open_model
 
     return open_model(settings.model, family=settings.family, dtype=dtype, device=device, vae=settings.vae,
+                      text_encoders=settings.text_encoders, tokenizers=settings.tokenizers,
                       variant=settings.variant, allow_pickle=settings.allow_pickle,
                       prediction_type=settings.prediction_type, seed=settings.model_seed,
                       labels=("--family", "--model", "--vae"))
