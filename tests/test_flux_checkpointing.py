@@ -19,7 +19,7 @@ def make_case(seed: int = 0):
                 p.add_(0.3 * torch.randn_like(p))
     img = pack_latents(torch.randn(2, 16, 4, 6))
     inputs = (img, image_ids(2, 4, 6), torch.randn(2, 5, 32), text_ids(2, 5), torch.tensor([0.2, 0.9]),
-              torch.randn(2, 16), torch.tensor([3.5, 1.0]))
+              torch.randn(2, cfg.vec_in_dim), torch.tensor([3.5, 1.0]))
     return model, inputs
 
 

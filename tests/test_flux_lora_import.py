@@ -281,7 +281,7 @@ def test_flux_files_are_recognised_and_refused_on_other_families(tmp_path):
     sdxl = build_model("tiny-sdxl", device="meta")
     with pytest.raises(LoRAFileError, match=r"is a FLUX\.1 LoRA \(its keys name Flux transformer layers"):
         network_from_tensors(sdxl, kohya)
-    with pytest.raises(LoRAFileError, match=r"is an FLUX\.1-dev LoRA \(it has a T5 text encoder"):
+    with pytest.raises(LoRAFileError, match=r"is a FLUX\.1 LoRA \(it has a T5 text encoder"):
         network_from_tensors(sdxl, onetrainer_t5)
     sdxl_lora = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(2, 2048),
                  "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 2)}
