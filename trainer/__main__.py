@@ -5,6 +5,7 @@
     python -m trainer convert ...       # checkpoint / LoRA format conversion
     python -m trainer lora inspect|merge|resize ...
     python -m trainer bench ...
+    python -m trainer vae --config configs/toy/vae.yaml   # train a VAE
 
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int` and is imported only
 when used, so `python -m trainer lora inspect` does not import the training stack. Bad input
@@ -25,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("trainer.cli.convert", "convert checkpoints and LoRA files between formats"),
     "lora": ("trainer.cli.lora", "inspect, merge or resize LoRA files"),
     "bench": ("trainer.bench.cli", "benchmarks: train | sample | load | data | unet | memory | ... sections"),
+    "vae": ("trainer.vae.cli", "train a VAE (AutoencoderKL) from a YAML config and export it"),
 }
 
 # Exceptions that mean "the input is wrong" (exit 2, no traceback): (module, class name). They are

@@ -40,6 +40,7 @@ from .run_control import (  # TrainSummary and TrainingError are part of this mo
     TrainSummary,
     StopSignals,
     TrainingError,
+    endless_batches,
     lost_peer,
     prepare_run_dir,
     summary_lines,
@@ -384,17 +385,7 @@ class LoRATrainingRecipe:
 
     def _batches(self):
         """Endless stream of batches, epoch after epoch, starting at the resume position."""
-        while True:
-            self.loader.set_epoch(self.epoch)
-            batches = iter(self.loader)
-            # Starting a DataLoader iterator draws a base seed from the global torch RNG. Fork it so
-            # the global stream (LoRA dropout) does not depend on where epochs or resumes fall.
-            with torch.random.fork_rng(devices=[]):
-                first = next(batches, None)
-            if first is not None:
-                yield first
-                yield from batches
-            self.epoch += 1
+        return endless_batches(self)
 
     def _train_step(self, batches) -> None:
         """One optimizer step: `grad_accum` micro-batches, clip, step, schedule (no host sync)."""

@@ -159,9 +159,7 @@ class TrainSummary:
     @property
     def exit_code(self) -> int:
         """0 when finished; 128 + signal number after a SIGINT/SIGTERM stop (shell convention)."""
-        if self.completed:
-            return 0
-        return 128 + self.signal if self.signal else 1
+        return exit_code(self.completed, self.signal)
 
 
 def summary_lines(summary, tensorboard_dir: Path | None) -> list[str]:
@@ -178,3 +176,28 @@ def summary_lines(summary, tensorboard_dir: Path | None) -> list[str]:
     if tensorboard_dir is not None:
         lines.append(f"tensorboard: tensorboard --logdir {tensorboard_dir}")
     return lines
+
+
+def exit_code(completed: bool, signal: int | None) -> int:
+    """0 when a run finished; 128 + signal number after a SIGINT/SIGTERM stop (shell convention); 1 otherwise."""
+    if completed:
+        return 0
+    return 128 + signal if signal else 1
+
+
+def endless_batches(trainer):
+    """Batches of `trainer.loader`, epoch after epoch from `trainer.epoch` (the resume position),
+    advancing `trainer.epoch` as epochs end."""
+    import torch
+
+    while True:
+        trainer.loader.set_epoch(trainer.epoch)
+        batches = iter(trainer.loader)
+        # Starting a DataLoader iterator draws a base seed from the global torch RNG. Fork it so the
+        # global stream (dropout, noise) does not depend on where epochs or resumes fall.
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
+        if first is not None:
+            yield first
+            yield from batches
+        trainer.epoch += 1
