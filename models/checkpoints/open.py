@@ -22,7 +22,10 @@ import torch
 
 from ..bundle import ModelBundle, build_model
 from ..families import FAMILIES
-from .loading import ModelLoadError, load_model
+from .components import local_path
+from .loading import ModelLoadError, _override, load_model  # the same VAE-override rules as a checkpoint's
+from .materialize import materialize, validate_parts
+from .single_file import meta_module
 
 __all__ = ["open_model", "vae_dtype_for"]
 
@@ -38,6 +41,26 @@ def vae_dtype_for(vae_config, dtype: torch.dtype | None, vae_dtype: torch.dtype 
     return torch.float32 if getattr(vae_config, "force_upcast", False) else dtype
 
 
+def _load_vae(vae: str, bundle: ModelBundle, dtype: torch.dtype | None, variant: str | None,
+              allow_pickle: bool, vae_key: str):
+    """The VAE at `vae` (file or folder, as `load_model(vae=...)` reads it) for the family-built
+    `bundle`: checked like a checkpoint's VAE override (every tensor used, shapes right, finite);
+    a file with the family VAE's shapes keeps the family's latent scaling, a diffusers folder or
+    file with a config.json beside it brings its own."""
+    prefer_half = dtype == torch.float16 or variant == "fp16"
+    try:
+        path = local_path(vae, prefer_half, component=True)
+        part = _override("vae", path, bundle.spec.base, bundle.vae.config, variant, prefer_half, allow_pickle)
+        module = meta_module(part.config)
+        validate_parts({"vae": part}, {"vae": module}, bundle.spec.base, bundle.family)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{vae_key}: {exc}") from None
+    materialize(module, part, dtype, torch.device("cpu"), zero_copy=False)
+    part.sources.clear()
+    part.store.close()
+    return module
+
+
 def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | None = torch.float32,
                device: str | torch.device = "cpu", vae: str | None = None, unet: str | None = None,
                vae_dtype: torch.dtype | None = None,
@@ -51,7 +74,8 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
 
     family: expected family (None detects it; for a family-name source it must agree).
     dtype: parameter dtype (None keeps each stored tensor's dtype: conversion is then bit-exact).
-    vae / unet: a separate VAE / UNet file or folder replacing the checkpoint's. seed: init seed of a family-name
+    vae / unet: a separate VAE / UNet file or folder replacing the checkpoint's (a VAE also replaces a
+    family-name source's random one, e.g. a trained VAE for training from scratch). seed: init seed of a family-name
     source. prediction_type: override of the family default (`epsilon` | `v_prediction`).
     labels: how the caller names family, source and vae in messages (config keys or CLI flags).
     quantize / quantize_text_encoders: weight format of the frozen denoiser / text encoders
@@ -71,12 +95,15 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
         if family is not None and family != source:
             raise ModelLoadError(f"{family_key}: {family!r} contradicts {source_key}={source!r}; leave it unset "
                                  f"or set it to {source!r}")
-        replaced = [name for name, value in ((vae_key, vae), ("unet", unet), ("text_encoders", text_encoders),
+        replaced = [name for name, value in (("unet", unet), ("text_encoders", text_encoders),
                                              ("tokenizers", tokenizers)) if value is not None]
         if replaced:
             raise ModelLoadError(f"{replaced[0]} replaces a part of a loaded checkpoint; it cannot be used with a "
                                  "random-weight family source")
         bundle = build_model(source, device="cpu", dtype=dtype or torch.float32, seed=seed)
+        if vae is not None:
+            # A trained VAE under random-weight parts (a model trained from scratch on its latents).
+            bundle.vae = _load_vae(vae, bundle, dtype, variant, allow_pickle, vae_key)
         if prediction_type is not None:
             bundle.spec = dataclasses.replace(bundle.spec, prediction_type=prediction_type)
         for part, module in bundle.modules().items():
