@@ -169,10 +169,10 @@ def _load(source, family, dtype, device, vae, unet, variant, allow_pickle, pred,
         base, parts, tokenizers, hinted = _from_single_file(path, want_base, family, allow_pickle)
     if vae is not None:
         vae_path = local_path(vae, prefer_half, component=True)
-        parts["vae"] = _override("vae", vae_path, base, parts["vae"].config, variant, prefer_half, allow_pickle)
+        parts["vae"] = separate_part("vae", vae_path, base, parts["vae"].config, variant, prefer_half, allow_pickle)
     if unet is not None:
         unet_path = local_path(unet, prefer_half, component=True)
-        parts["unet"] = _override("unet", unet_path, base, parts["unet"].config, variant, prefer_half, allow_pickle)
+        parts["unet"] = separate_part("unet", unet_path, base, parts["unet"].config, variant, prefer_half, allow_pickle)
     name = matching_family(base, family, parts["unet"].config, parts["vae"].config,
                            [parts[s].config for s in _TEXT_SLOTS if s in parts])
     spec = FAMILIES[name]
@@ -285,7 +285,7 @@ def _folder_lineage(path: Path, cls: str, encoders: list) -> str:
 
 
 # ---- overrides ------------------------------------------------------------------------------
-def _override(slot: str, path: Path, base, default, variant, prefer_half, allow_pickle):
+def separate_part(slot: str, path: Path, base, default, variant, prefer_half, allow_pickle):
     """The `unet` or `vae` part given separately (`unet=` / `vae=`): a diffusers folder (or its
     component folder), a bare file with diffusers names (config from a `config.json` beside it),
     or ldm names with or without the single-file prefix (from a full checkpoint only that part's

@@ -23,7 +23,7 @@ import torch
 from ..bundle import ModelBundle, build_model
 from ..families import FAMILIES
 from .components import local_path
-from .loading import ModelLoadError, _override, load_model  # the same VAE-override rules as a checkpoint's
+from .loading import ModelLoadError, load_model, separate_part  # the VAE-override rules of a checkpoint
 from .materialize import materialize, validate_parts
 from .single_file import meta_module
 
@@ -50,7 +50,7 @@ def _load_vae(vae: str, bundle: ModelBundle, dtype: torch.dtype | None, variant:
     prefer_half = dtype == torch.float16 or variant == "fp16"
     try:
         path = local_path(vae, prefer_half, component=True)
-        part = _override("vae", path, bundle.spec.base, bundle.vae.config, variant, prefer_half, allow_pickle)
+        part = separate_part("vae", path, bundle.spec.base, bundle.vae.config, variant, prefer_half, allow_pickle)
         module = meta_module(part.config)
         validate_parts({"vae": part}, {"vae": module}, bundle.spec.base, bundle.family)
     except ModelLoadError as exc:
