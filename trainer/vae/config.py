@@ -272,7 +272,9 @@ def check_vae_config(cfg: VAERunConfig) -> None:
     _at_least(out, "output", 1, "stats_images")
     if out.latent_shift and out.latent_scale != "config":
         _fail("output.latent_shift", "applies to latent_scale: config only (fold already centres every channel)")
-    if out.latent_scale == "fold" and m.preset in ("flux", "tiny-flux"):
+    from models.vae import VAEConfig  # the preset's layout decides whether there is a conv to fold into
+
+    if out.latent_scale == "fold" and not VAEConfig.preset(m.preset).use_quant_conv:
         _fail("output.latent_scale", f"fold rewrites quant_conv / post_quant_conv, which preset {m.preset!r} does not "
               "have; use latent_scale: config")
 
