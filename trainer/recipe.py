@@ -578,5 +578,6 @@ class LoRATrainingRecipe:
 
     def _print_summary(self, summary: TrainSummary) -> None:
         if self.is_main:
-            for line in summary_lines(summary, self.run_dir / "logs" if self.cfg.output.tensorboard else None):
+            for line in summary_lines(summary, self.run_dir / "logs" if self.cfg.output.tensorboard else None,
+                                      self._what):
                 log.info(line)

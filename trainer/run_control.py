@@ -162,15 +162,15 @@ class TrainSummary:
         return exit_code(self.completed, self.signal)
 
 
-def summary_lines(summary, tensorboard_dir: Path | None) -> list[str]:
-    """The lines printed at the end of a finished run."""
+def summary_lines(summary, tensorboard_dir: Path | None, what: str = "LoRA") -> list[str]:
+    """The lines printed at the end of a finished run; `what` names the export ("LoRA" or "model")."""
     tail = summary.losses[-max(1, len(summary.losses) // 10):]
     mean_tail = sum(tail) / len(tail) if tail else math.nan
     lines = [
         (f"finished {summary.step} steps ({summary.step - summary.start_step} in this run) in "
          f"{summary.seconds:.1f} s ({summary.samples_per_second:.2f} samples/s)"),
         f"loss (mean of the last {len(tail)} steps): {mean_tail:.4f}",
-        f"LoRA: {summary.lora_path}",
+        f"{what}: {summary.lora_path}",
         f"checkpoint: {summary.checkpoint}",
     ]
     if tensorboard_dir is not None:
