@@ -13,9 +13,14 @@ from torch import nn
 from ..families import lineages
 from .openclip_keys import hf_name_to_openclip
 from .safetensors_io import TensorStore, all_finite, count_nonfinite
-from .single_file import describe_foreign, is_openclip_prefix, looks_like_lora
+from .single_file import (
+    describe_foreign,
+    is_openclip_prefix,
+    looks_like_lora,
+    meta_module,
+)
 
-__all__ = ["Lazy", "ModelLoadError", "Part", "materialize", "title", "validate_parts"]
+__all__ = ["Lazy", "ModelLoadError", "Part", "load_part", "materialize", "title", "validate_parts"]
 
 
 def title(base: str) -> str:
@@ -265,3 +270,15 @@ def materialize(module: nn.Module, part: Part, dtype: torch.dtype | None, device
     if quantizer is not None:
         quantizer.install(module, state)
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def load_part(part: Part, base: str, family: str | None, dtype: torch.dtype | None,
+              device: str | torch.device = "cpu") -> nn.Module:
+    """The module of one part given alone (a separate VAE file, say): built on meta, checked like a
+    checkpoint's parts (`validate_parts`), materialised (a copy on `device`), its file released."""
+    module = meta_module(part.config)
+    validate_parts({part.slot: part}, {part.slot: module}, base, family)
+    materialize(module, part, dtype, torch.device(device), zero_copy=False)
+    part.sources.clear()
+    part.store.close()
+    return module

@@ -23,9 +23,12 @@ import torch
 from ..bundle import ModelBundle, build_model
 from ..families import FAMILIES
 from .components import local_path
-from .loading import ModelLoadError, load_model, separate_part  # the VAE-override rules of a checkpoint
-from .materialize import materialize, validate_parts
-from .single_file import meta_module
+from .loading import (  # the VAE-override rules of a checkpoint
+    ModelLoadError,
+    load_model,
+    separate_part,
+)
+from .materialize import load_part
 
 __all__ = ["open_model", "vae_dtype_for"]
 
@@ -51,14 +54,9 @@ def _load_vae(vae: str, bundle: ModelBundle, dtype: torch.dtype | None, variant:
     try:
         path = local_path(vae, prefer_half, component=True)
         part = separate_part("vae", path, bundle.spec.base, bundle.vae.config, variant, prefer_half, allow_pickle)
-        module = meta_module(part.config)
-        validate_parts({"vae": part}, {"vae": module}, bundle.spec.base, bundle.family)
+        return load_part(part, bundle.spec.base, bundle.family, dtype)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{vae_key}: {exc}") from None
-    materialize(module, part, dtype, torch.device("cpu"), zero_copy=False)
-    part.sources.clear()
-    part.store.close()
-    return module
 
 
 def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | None = torch.float32,

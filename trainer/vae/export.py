@@ -157,17 +157,11 @@ def read_vae(path: str | Path, like: VAEConfig | None = None, dtype: torch.dtype
         shapes_of,
         vae_from_diffusers_store,
     )
-    from models.checkpoints.materialize import (
-        ModelLoadError,
-        Part,
-        materialize,
-        validate_parts,
-    )
+    from models.checkpoints.materialize import ModelLoadError, Part, load_part
     from models.checkpoints.single_file import (
         VAE_PREFIX,
         infer_vae_config,
         is_ignored,
-        meta_module,
         same_vae_shapes,
     )
 
@@ -199,12 +193,7 @@ def read_vae(path: str | Path, like: VAEConfig | None = None, dtype: torch.dtype
                     inferred = like  # not a VAE: validate_parts names what is missing
                 config = like if same_vae_shapes(inferred, like) else inferred
             part = Part("vae", config, store, sources, label=dict(sources), prefix=prefix)
-    module = meta_module(part.config)
-    validate_parts({"vae": part}, {"vae": module}, "sdxl", None)
-    materialize(module, part, dtype, torch.device(device), False)
-    part.sources.clear()
-    part.store.close()
-    return module.train(False)
+    return load_part(part, "sdxl", None, dtype, device).train(False)
 
 
 # ---- images -----------------------------------------------------------------------------------
