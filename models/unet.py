@@ -134,6 +134,9 @@ _SD_BASE = {
     "transformer_depth_middle": 1, "adm_in_channels": None,
 }
 _TINY_BASE = {"model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1}
+# adm 1600 = 64 pooled text + 6 * 256 size/crop embeddings.
+_TINY_SDXL = {**_TINY_BASE, "transformer_depth": (0, 1, 2), "transformer_depth_middle": 2, "num_heads": None,
+              "num_head_channels": 16, "context_dim": 96, "use_linear_in_transformer": True, "adm_in_channels": 1600}
 
 PRESETS = MappingProxyType({
     "sd15": {**_SD_BASE, "num_heads": 8, "num_head_channels": None, "context_dim": 768,
@@ -148,10 +151,9 @@ PRESETS = MappingProxyType({
     "tiny-sd15": {**_TINY_BASE, "transformer_depth": (1, 1, 0), "transformer_depth_middle": 1, "num_heads": 2,
                   "num_head_channels": None, "context_dim": 32, "use_linear_in_transformer": False,
                   "adm_in_channels": None},
-    # adm 1600 = 64 pooled text + 6 * 256 size/crop embeddings.
-    "tiny-sdxl": {**_TINY_BASE, "transformer_depth": (0, 1, 2), "transformer_depth_middle": 2, "num_heads": None,
-                  "num_head_channels": 16, "context_dim": 96, "use_linear_in_transformer": True,
-                  "adm_in_channels": 1600},
+    "tiny-sdxl": _TINY_SDXL,
+    # The shipped toy model's UNet (the `toy-sdxl` family), 4.9 M params: 48/96/96 channels.
+    "toy-sdxl": {**_TINY_SDXL, "model_channels": 48, "norm_num_groups": 16},
 })
 """UNetConfig field values of each preset name."""
 

@@ -54,7 +54,8 @@ TrainMode = Literal["lora", "full"]
 """What a run trains: LoRA adapters or the model's own weights (`trainer.full`)."""
 FullDtype = Literal["fp32", "bf16"]
 """Dtypes of fully trained weights (`trainer.full.FullWeights`)."""
-BuiltinFamily = Literal["sd15", "sd2", "sdxl", "flux-dev", "flux-schnell", "tiny-sd15", "tiny-sdxl", "tiny-flux"]
+BuiltinFamily = Literal["sd15", "sd2", "sdxl", "flux-dev", "flux-schnell", "tiny-sd15", "tiny-sdxl", "tiny-flux",
+                        "toy-sdxl"]
 """The families `models.families` registers itself. Plug-ins may register more, so
 `model.family` is a plain string checked against both (see `trainer.config_checks`)."""
 
@@ -75,8 +76,9 @@ class ModelConfig:
     """The base model that is adapted (kept frozen)."""
 
     source: str = "tiny-sdxl"
-    """A family name (random weights from `seed`, no download: `tiny-sdxl`/`tiny-sd15` for tests and
-    the quickstart), a hub id (`stabilityai/stable-diffusion-xl-base-1.0`, or `owner/repo/file.safetensors`),
+    """A family name (no download: `toy-sdxl`, a small SDXL-architecture model whose trained weights
+    ship with lorasmith; the `tiny-*` families, random weights from `seed`, for tests and the
+    quickstart), a hub id (`stabilityai/stable-diffusion-xl-base-1.0`, or `owner/repo/file.safetensors`),
     a diffusers folder or a single `.safetensors` file."""
     family: str | None = None
     """Model family (`sd15`, `sd2`, `sdxl`, `flux-dev`, `flux-schnell`, the `tiny-*` test families, or
@@ -103,7 +105,11 @@ class ModelConfig:
     allow_pickle: bool = False
     """Allow `.ckpt`/`.pt`/`.bin` pickle checkpoints (loaded with torch's weights-only unpickler)."""
     seed: int = 0
-    """Seed of the random weights when `source` is a family name."""
+    """Seed of the random weights when `source` is a family name (without shipped weights, or with
+    `random_weights`)."""
+    random_weights: bool = False
+    """Build a family-name `source` with random weights from `seed` even where the family ships
+    trained ones (`toy-sdxl`): training from scratch. Only with a family-name source."""
     quantize: QuantizeMode = "none"
     """Storage format of the frozen denoiser's weights: `none` (`dtype`), `fp8` (float8 e4m3 with a
     scale per output channel, 1 byte/weight), `int8` (per-row absmax, 1 byte) or `nf4` (4-bit
@@ -361,6 +367,13 @@ class SampleConfig:
     """Square image side in pixels; null = `data.resolution`."""
     use_ema: bool = False
     """Render the images with the EMA weights (`train.ema_decay`) instead of the trained ones."""
+    images_per_prompt: int = 1
+    """Images per prompt; the grid then has one row per prompt (image k of the grid uses seed + k,
+    so the same cell shows the same noise at every step)."""
+    at_start: bool = False
+    """Also render the prompts before the first step (`samples/step-00000000.png`): the untouched
+    base model, since a new LoRA starts as a no-op. With the final grid this is a before/after pair
+    on the same prompts and seeds. Skipped when a run resumes."""
 
 
 @dataclass

@@ -67,6 +67,10 @@ def _check_model(cfg: Config) -> None:
         if m.source in families and m.family != m.source:
             _fail("model.family", f"{m.family!r} contradicts model.source={m.source!r} (a family name); drop "
                   "model.family or make them equal")
+    if m.random_weights and m.source not in families:
+        _fail("model.random_weights", f"true builds a family-name model.source with random weights, but "
+              f"model.source={m.source!r} is a checkpoint whose weights are loaded; set it to false or give a "
+              "family name")
     for key, value in (("model.source", m.source), ("model.vae", m.vae)):
         if value is None or value in families or _is_hub_id(value):
             continue
@@ -214,6 +218,8 @@ def _check_objective(cfg: Config) -> None:
     if t.ema_decay is not None and cfg.optim.name == "adamw_schedulefree":
         _fail("train.ema_decay", "cannot be combined with optim.name=adamw_schedulefree: schedule-free training already "
               "averages its weights (its exported weights are that average); set train.ema_decay: null")
+    if cfg.sample.images_per_prompt < 1:
+        _fail("sample.images_per_prompt", f"must be >= 1, got {cfg.sample.images_per_prompt}")
     if cfg.sample.use_ema and t.ema_decay is None:
         _fail("sample.use_ema", "needs the EMA weights, but train.ema_decay is null; set train.ema_decay (e.g. 0.999) "
               "or sample.use_ema: false")

@@ -17,6 +17,7 @@ def open_training_bundle(cfg: Config, device: torch.device):
     bundle = open_model(m.source, family=m.family, dtype=torch_dtype(m.dtype), device=device, vae=m.vae,
                         vae_dtype=torch_dtype(m.vae_dtype) if m.vae_dtype else None, variant=m.variant,
                         allow_pickle=m.allow_pickle, prediction_type=m.prediction_type, seed=m.seed,
+                        random_weights=m.random_weights,
                         quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders,
                         text_encoders=m.text_encoders, tokenizers=m.tokenizers)
     for tok in bundle.tokenizers:

@@ -215,7 +215,9 @@ class LoRATrainingRecipe:
 
     def _model_id(self) -> str:
         m = self.cfg.model
-        return f"{self.bundle.family}:{m.source}:{m.seed if m.source == self.bundle.family else ''}:{m.vae or ''}"
+        # The seed names the weights only when they are random (not a family's shipped ones).
+        random = m.source == self.bundle.family and (m.random_weights or self.bundle.spec.pretrained is None)
+        return f"{self.bundle.family}:{m.source}:{m.seed if random else ''}:{m.vae or ''}"
 
     @torch.no_grad()
     def _encode_captions(self, captions: list[str]):
@@ -333,6 +335,8 @@ class LoRATrainingRecipe:
         self._pending: list[torch.Tensor] = []
         self._last_grad_norm: torch.Tensor | None = None
         self._last_saved = self.start_step
+        if cfg.sample.prompts and cfg.sample.at_start and self.start_step == 0:
+            self._sample_images()  # the base model: the "before" of a before/after pair
         batches = self._batches()
         started = time.perf_counter()
         summary = TrainSummary(completed=False, step=self.step, start_step=self.start_step)

@@ -99,8 +99,9 @@ def load_model(
 ) -> ModelBundle:
     """Load a checkpoint into a ModelBundle (modules in eval mode).
 
-    source: diffusers folder, single `.safetensors` file, hub repo id, `user/repo/file.safetensors`
-        or a huggingface.co file URL.
+    source: diffusers folder, single `.safetensors` file, hub repo id, `user/repo/file.safetensors`,
+        a huggingface.co file URL, or the name of a family that ships weights (`toy-sdxl`: the file
+        under `models/assets/`, offline).
     family: "sdxl" / "sd15" / "sd2" / "flux-dev" / "flux-schnell" (or a tiny test family) to insist
         on; None detects it.
     dtype: parameter dtype; None keeps what the file stores (per module, the widest float dtype;
@@ -128,6 +129,7 @@ def load_model(
     Raises ModelLoadError.
     """
     try:
+        source, family = _shipped(source, family)
         return _load(source, family, dtype, torch.device(device), vae, unet, variant, allow_pickle, prediction_type,
                      mmap, quantize or {}, text_encoders, tokenizers)
     except _EXPECTED_ERRORS as e:
@@ -135,6 +137,27 @@ def load_model(
 
 
 # ---- orchestration --------------------------------------------------------------------------
+def _shipped(source, family: str | None) -> tuple[str | Path, str | None]:
+    """The name of a family that ships weights as that file, with that family (the name wins over a
+    same-named path, as in `open_model`); any other source unchanged. The name of a family without
+    shipped weights that is no path either gets a clear error instead of a hub lookup."""
+    if not isinstance(source, str) or source not in FAMILIES:
+        return source, family
+    spec = FAMILIES[source]
+    if spec.pretrained is None:
+        if Path(source).expanduser().exists():
+            return source, family
+        raise ModelLoadError(f"{source!r} is a model family that ships no weights; build_model({source!r}) (or "
+                             "open_model) gives it random weights, or load a checkpoint of it")
+    if family is not None and family != source:
+        raise ModelLoadError(f"family={family!r} contradicts source={source!r} (the {source} family's shipped "
+                             f"weights); leave family unset or set it to {source!r}")
+    try:
+        return spec.pretrained_path(), source
+    except FileNotFoundError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def _check_family(family: str | None) -> str | None:
     if family is None:
         return None

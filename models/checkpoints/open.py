@@ -1,16 +1,20 @@
 """One way to open a model for work: `open_model` (used by training, `generate`, `convert`, the
 LoRA tools and the benchmarks).
 
-A source is a family name (random weights, for tests, benchmarks and the quickstart) or anything
-`load_model` reads (diffusers folder, single file, hub id). `open_model` also applies the one VAE
-precision policy: the VAE's parameters stay in fp32 when its config says it must compute in fp32
-(`VAEConfig.force_upcast`, the SDXL VAE that overflows in fp16), else they follow `dtype`; an
-explicit `vae_dtype` wins. The bundle comes back frozen (no gradients) and in eval mode.
+A source is a family name or anything `load_model` reads (diffusers folder, single file, hub id).
+A family name gives the family's shipped weights where it has them (`toy-sdxl`, offline, loaded as
+a checkpoint), else random weights from `seed` (the `tiny-*` families, for tests, benchmarks and the
+quickstart); `random_weights=True` builds even a shipping family with random weights.
+
+`open_model` also applies the one VAE precision policy: the VAE's parameters stay in fp32 when
+its config says it must compute in fp32 (`VAEConfig.force_upcast`, the SDXL VAE that overflows in
+fp16), else they follow `dtype`; an explicit `vae_dtype` wins. The bundle comes back frozen (no
+gradients) and in eval mode.
 
 It also applies the frozen-weight quantization (`models.quant`): `quantize` for the denoiser,
 `quantize_text_encoders` for the text encoders, each `none` | `fp8` | `int8` | `nf4`. A checkpoint
 is quantized while it loads, tensor by tensor, on `device` (the full-precision weights never all
-exist in memory); a family-name source (random weights) is built, then quantized. The VAE is
+exist in memory); a random-weight family source is built, then quantized. The VAE is
 never quantized. The compute dtype of quantized layers is `dtype` (the stored dtype with None).
 """
 from __future__ import annotations
@@ -63,7 +67,7 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
                device: str | torch.device = "cpu", vae: str | None = None, unet: str | None = None,
                vae_dtype: torch.dtype | None = None,
                variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
-               seed: int | None = None,
+               seed: int | None = None, random_weights: bool = False,
                labels: tuple[str, str, str] = ("model.family", "model.source", "model.vae"),
                quantize: str = "none", quantize_text_encoders: str = "none",
                text_encoders: Sequence[str | None] | None = None,
@@ -73,8 +77,11 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
     family: expected family (None detects it; for a family-name source it must agree).
     dtype: parameter dtype (None keeps each stored tensor's dtype: conversion is then bit-exact).
     vae / unet: a separate VAE / UNet file or folder replacing the checkpoint's (a VAE also replaces a
-    family-name source's random one, e.g. a trained VAE for training from scratch). seed: init seed of a family-name
-    source. prediction_type: override of the family default (`epsilon` | `v_prediction`).
+    family-name source's random one, e.g. a trained VAE for training from scratch).
+    seed: init seed of a random-weight family source.
+    random_weights: build a family-name source with random weights even where the family ships
+    trained ones (training from scratch); an error for any other source.
+    prediction_type: override of the family default (`epsilon` | `v_prediction`).
     labels: how the caller names family, source and vae in messages (config keys or CLI flags).
     quantize / quantize_text_encoders: weight format of the frozen denoiser / text encoders
     (`none` | `fp8` | `int8` | `nf4`, see `models.quant`).
@@ -89,10 +96,14 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
     plan = {"unet": quantize, **{part: quantize_text_encoders for part in _TEXT_PARTS}}
     quantized = any(mode != "none" for mode in plan.values())
     family_key, source_key, vae_key = labels
-    if source in FAMILIES:
-        if family is not None and family != source:
-            raise ModelLoadError(f"{family_key}: {family!r} contradicts {source_key}={source!r}; leave it unset "
-                                 f"or set it to {source!r}")
+    if source in FAMILIES and family is not None and family != source:
+        raise ModelLoadError(f"{family_key}: {family!r} contradicts {source_key}={source!r}; leave it unset "
+                             f"or set it to {source!r}")
+    if random_weights and source not in FAMILIES:
+        raise ModelLoadError(f"random_weights builds a family-name source with random weights, but {source_key}="
+                             f"{source!r} is a checkpoint (its weights are loaded); drop random_weights or give a "
+                             "family name")
+    if source in FAMILIES and (random_weights or FAMILIES[source].pretrained is None):
         replaced = [name for name, value in (("unet", unet), ("text_encoders", text_encoders),
                                              ("tokenizers", tokenizers)) if value is not None]
         if replaced:
@@ -106,7 +117,7 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
             bundle.spec = dataclasses.replace(bundle.spec, prediction_type=prediction_type)
         for part, module in bundle.modules().items():
             quantize_model(module, plan.get(part, "none"))
-    else:
+    else:  # a checkpoint, or the shipped weights of a family (`load_model` resolves the name)
         # Quantizing loads straight onto `device`: the packing then runs there, and only packed
         # weights ever reach it.
         bundle = load_model(source, family=family, dtype=dtype, vae=vae, unet=unet, variant=variant,

@@ -16,10 +16,14 @@ about a family is read from here, so nothing outside a family's module branches 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # the registry is read by config checks, which must not import torch
     import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+"""`models/assets/`: the files installed with the package (tokenizer vocabulary, shipped weights)."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class FamilySpec:
     """What makes a model family: presets of its parts, conditioning, defaults and file layouts."""
 
     name: str
-    """Family name as users write it (`sdxl`, `sd15`, `sd2`, `tiny-sdxl`, `tiny-sd15`)."""
+    """Family name as users write it (`sdxl`, `sd15`, `sd2`, `tiny-sdxl`, `tiny-sd15`, `toy-sdxl`)."""
     base: str
     """Lineage the family belongs to (`sd15`, `sd2`, `sdxl`): files of one lineage share a layout, so
     checkpoints and LoRA files are detected per lineage (tiny families share their parent's)."""
@@ -70,6 +74,10 @@ class FamilySpec:
     """The denoiser needs latent height and width divisible by this (Flux packs 2x2 patches: 2)."""
     checkpointing_granularities: tuple[str, ...] = ("block", "layer", "transformer")
     """`train.checkpointing` values the denoiser supports (`UNet.GRANULARITIES`, `FLUX_GRANULARITIES`)."""
+    pretrained: str | None = None
+    """File name under `models/assets/` of the family's released weights (a single-file checkpoint
+    in the family's layout, e.g. `toy-sdxl.safetensors`): a family-name source of such a family
+    opens them. None: the family ships no weights and its name gives random weights from a seed."""
 
     # ---- checkpoint layouts ----------------------------------------------------------------
     single_file_text_prefixes: tuple[str, ...] = ()
@@ -166,6 +174,19 @@ class FamilySpec:
         return num_layers
 
     # ---- derived -----------------------------------------------------------------------------
+    def pretrained_path(self) -> Path:
+        """Path of the shipped weights (`pretrained` under `models/assets/`). Raises ValueError when
+        the family ships none, FileNotFoundError (one line) when the install lacks the file."""
+        if self.pretrained is None:
+            raise ValueError(f"model family {self.name!r} ships no weights (its name builds random weights)")
+        path = ASSETS / self.pretrained
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the lorasmith package is incomplete (family {self.name!r} ships its weights "
+                "there); reinstall it with `pip install --force-reinstall lorasmith` (from a source checkout: "
+                "restore models/assets/ with git, then `pip install -e .`)")
+        return path
+
     @property
     def is_v_prediction(self) -> bool:
         return self.prediction_type == "v_prediction"

@@ -5,10 +5,11 @@
         --negative "blurry" --lora fox.safetensors:0.8 --sampler dpmpp_2m_karras --size 1024x1024 --n 4 --out outputs/
     python -m trainer generate --config configs/my_run.yaml --prompt "a sks dog" --out outputs/
 
-`--model` takes a family name (`tiny-sdxl`, `tiny-sd15`, ...: random weights, no download, for
-demos and tests), a single-file checkpoint, a diffusers folder or a hub id. With `--config`, the
-model, sampling defaults and the run's exported LoRA (`<output.dir>/<output.name>/<name>.safetensors`,
-when it exists and no `--lora` is given) come from that training config; flags override them.
+`--model` takes a family name (no download: `toy-sdxl`, the small model whose trained weights ship
+with lorasmith; `tiny-sdxl`, `tiny-sd15`, ...: random weights, for tests), a single-file
+checkpoint, a diffusers folder or a hub id. With `--config`, the model, sampling defaults and the
+run's exported LoRA (`<output.dir>/<output.name>/<name>.safetensors`, when it exists and no
+`--lora` is given) come from that training config; flags override them.
 
 Images are written as `<out>/<index>-<seed>.png` with an A1111-style `parameters` chunk, so
 they can be dragged into A1111/ComfyUI-compatible viewers to read the settings back.
@@ -35,7 +36,7 @@ class GenerateArgumentError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="family name (tiny-sdxl, tiny-sd15, ...), checkpoint file, diffusers folder "
+    parser.add_argument("--model", help="family name (toy-sdxl, tiny-sdxl, ...), checkpoint file, diffusers folder "
                         "or hub id; default: model.source of --config")
     parser.add_argument("--prompt", "-p", action="append", required=True,
                         help="prompt; repeat the flag for several prompts")
@@ -173,6 +174,8 @@ class GenerateSettings:
     allow_pickle: bool = False
     model_seed: int = 0
     """Seed of the random weights of family-name models."""
+    random_weights: bool = False
+    """Random weights even for a family that ships trained ones (the config's `model.random_weights`)."""
     prediction_type: str | None = None
     zero_terminal_snr: bool = False
     timestep_spacing: str = "leading"
@@ -243,6 +246,7 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         variant=m.variant if m else None,
         allow_pickle=m.allow_pickle if m else False,
         model_seed=m.seed if m else 0,
+        random_weights=m.random_weights if m else False,
         prediction_type=args.prediction_type or (m.prediction_type if m else None),
         zero_terminal_snr=bool(zsnr),
         timestep_spacing=args.timestep_spacing or ("trailing" if zsnr else "leading"),
@@ -259,6 +263,7 @@ def load_bundle(settings: GenerateSettings, device: torch.device, dtype: torch.d
                       text_encoders=settings.text_encoders, tokenizers=settings.tokenizers,
                       variant=settings.variant, allow_pickle=settings.allow_pickle,
                       prediction_type=settings.prediction_type, seed=settings.model_seed,
+                      random_weights=settings.random_weights,
                       labels=("--family", "--model", "--vae"))
 
 
