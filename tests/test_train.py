@@ -1,4 +1,4 @@
-"""End-to-end training on the tiny SDXL-shaped model: the quickstart, convergence, exact resume,
+"""End-to-end training on the tiny SDXL-shaped model: a CLI run, convergence, exact resume,
 data-parallel equivalence and the non-finite-loss stop. CPU only, 64 px, a few dozen steps."""
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from training_runs import (
-    QUICKSTART,
+    TINY_LORA,
     ROOT,
     copy_quickstart_images,
     trainer_env,
@@ -38,10 +38,10 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def _config(out: Path, data: Path, *overrides):
-    return load_config(QUICKSTART, [f"output.dir={out}", f"data.path={data}", *FAST, *overrides])
+    return load_config(TINY_LORA, [f"output.dir={out}", f"data.path={data}", *FAST, *overrides])
 
 
-# ---- the quickstart, as a user runs it ----------------------------------------------------------------
+# ---- a run, as a user starts it ----------------------------------------------------------------
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -50,15 +50,15 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
-    """`python -m trainer --config configs/quickstart.yaml` as a user runs it (one test, so that
-    parallel test workers do not each train it): outputs, convergence, the LoRA itself."""
+def test_cli_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """`python -m trainer --config <LoRA run>` as a user runs it, on the random-weight tiny model (one
+    test, so that parallel test workers do not each train it): outputs, convergence, the LoRA itself."""
     monkeypatch.chdir(ROOT)  # the config's data path is relative to the repository root
-    cmd = [sys.executable, "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={tmp_path}", "train.log_every=1"]
+    cmd = [sys.executable, "-m", "trainer", "--config", str(TINY_LORA), f"output.dir={tmp_path}", "train.log_every=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"
-    cfg = load_config(QUICKSTART)
+    cfg = load_config(TINY_LORA)
     steps = cfg.train.max_steps
     lora = run / "quickstart.safetensors"
 
@@ -146,6 +146,31 @@ def test_bf16_text_encoder_training_with_validation_images(tmp_path, small_data)
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
 
 
+def test_samples_at_start_are_the_base_model_and_rows_hold_one_prompt(tmp_path, small_data):
+    """sample.at_start renders step 0 (the base: a new LoRA is a no-op) and images_per_prompt puts
+    each prompt's images (seeds seed, seed + 1, ...) in one row."""
+    from PIL import Image
+
+    from models.checkpoints.open import open_model
+    from trainer.samples import image_grid
+    from trainer.sampling.pipeline import Txt2ImgPipeline
+
+    prompts = ["a red circle", "a blue square"]
+    cfg = _config(tmp_path, small_data, "train.max_steps=2", "train.save_every=0", "optim.lr=5e-2",
+                  f"sample.prompts=[{', '.join(prompts)}]", "sample.at_start=true", "sample.images_per_prompt=3",
+                  "sample.steps=3", "sample.seed=5")
+    assert LoRATrainingRecipe(cfg).run().completed
+    samples = tmp_path / "quickstart" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-00000000.png", "step-00000002.png"]
+    before, after = (Image.open(samples / f"step-{s:08d}.png").convert("RGB") for s in (0, 2))
+    assert before.size == (3 * 64, 2 * 64)
+    base = open_model(cfg.model.source, seed=cfg.model.seed)
+    images = Txt2ImgPipeline(base)(prompts, steps=3, guidance_scale=cfg.sample.guidance_scale, seed=5, width=64,
+                                   height=64, n=3, progress=False)
+    assert list(before.getdata()) == list(image_grid(images, columns=3).getdata())
+    assert list(before.getdata()) != list(after.getdata())  # the trained LoRA changed the pictures
+
+
 # ---- exact resume ---------------------------------------------------------------------------------------
 def test_interrupt_and_resume_equal_uninterrupted_run(tmp_path, small_data):
     extra = ["train.max_steps=6", "train.save_every=0", "lora.dropout=0.1", "lora.module_dropout=0.2",
@@ -200,11 +225,11 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, small_data, t
     if text_encoders:
         common += ["train.train_text_encoders=true", "data.cache_text=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={tmp_path / 'ddp'}", *common]
+           "-m", "trainer", "--config", str(TINY_LORA), f"output.dir={tmp_path / 'ddp'}", *common]
     proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    single = LoRATrainingRecipe(load_config(QUICKSTART, [f"output.dir={tmp_path / 'one'}", *common,
+    single = LoRATrainingRecipe(load_config(TINY_LORA, [f"output.dir={tmp_path / 'one'}", *common,
                                                          "train.grad_accum=2"]))
     summary = single.run()
     ckpt = "quickstart/checkpoints/step-00000003"
@@ -230,7 +255,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path, small_data, monkeypatch, capsy
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(DiffusionObjective, "loss", poisoned)
-    args = ["--config", str(QUICKSTART), f"output.dir={tmp_path}", f"data.path={small_data}", *FAST,
+    args = ["--config", str(TINY_LORA), f"output.dir={tmp_path}", f"data.path={small_data}", *FAST,
             "train.max_steps=8", "train.save_every=2", "train.log_every=5"]
     assert cli.main(args) == 1
     err = capsys.readouterr().err

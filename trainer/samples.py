@@ -23,7 +23,8 @@ def image_grid(images, columns: int | None = None):
 @torch.no_grad()
 def render_samples(bundle, network, sample_cfg, *, size: int, device: torch.device, prediction_type: str,
                    zero_terminal_snr: bool, model_name: str, autocast: AbstractContextManager | None = None):
-    """One PIL grid of `sample_cfg.prompts` (`SampleConfig`) at size x size pixels.
+    """One PIL grid of `sample_cfg.prompts` (`SampleConfig`) at size x size pixels: up to 4 per
+    row, or one row per prompt of `images_per_prompt` images when that is above 1.
 
     The LoRA stays attached (unmerged) and is put in eval mode (no adapter dropout) for the
     duration; parts that were offloaded to the CPU after caching visit `device` and go back.
@@ -44,9 +45,10 @@ def render_samples(bundle, network, sample_cfg, *, size: int, device: torch.devi
             images = pipe(list(sample_cfg.prompts), negative_prompt=sample_cfg.negative_prompt,
                           steps=sample_cfg.steps or bundle.spec.default_steps or 20,
                           guidance_scale=sample_cfg.guidance_scale, seed=sample_cfg.seed,
-                          width=size, height=size, progress=False)
+                          width=size, height=size, n=sample_cfg.images_per_prompt, progress=False)
     finally:
         network.train()
         for part, home in zip(parts, homes):
             part.to(home)
-    return image_grid(images)
+    per_prompt = sample_cfg.images_per_prompt
+    return image_grid(images, columns=per_prompt if per_prompt > 1 else None)
