@@ -6,7 +6,8 @@
 
 Every image shows one shape (circle, square, triangle, star) in one colour (red, green, blue,
 yellow; `purple` exists but the base world never uses it, so it can stand for a concept a model
-has not seen) on one background (white, black, grey). The shape's size is 35-75% of the image
+has not seen; `any` draws a fill of any hue and leaves the colour out of the caption, for training
+a VAE that must encode every colour) on one background (white, black, grey). The shape's size is 35-75% of the image
 side, it lies fully inside the frame (1 px margin), squares, triangles and stars are rotated by up
 to `max_rotation` degrees, and the fill and background colours are jittered per image. Edges are
 anti-aliased: coverage is sampled on a 4x4 grid per pixel.
@@ -50,6 +51,11 @@ COLOURS = {  # base RGB of each colour name; `purple` is the held-out extra
     "yellow": (235, 200, 30),
     "purple": (150, 60, 200),
 }
+ANY = "any"
+"""Pseudo-colour of the codec's world: a fill of any hue (uniform over the colour circle), saturation
+50-90 % and value 55-95 %, and a caption without a colour word. The toy VAE trains on it beside the
+base world, so that it encodes colours the text-to-image model never sees (purple) - as a real VAE
+encodes any image - while the denoiser and text towers learn only the four base colours."""
 BACKGROUNDS = {"white": 243, "black": 22, "grey": 128}  # base grey level of each background
 SIZE_RANGE = (35, 75)
 """Shape size in percent of the image side: circle diameter, square side, triangle base and
@@ -92,7 +98,8 @@ class ShapeSpec:
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape} on a {self.background} background"
+        colour = "" if self.colour == ANY else f"{self.colour} "
+        return f"a {colour}{self.shape} on a {self.background} background"
 
     @property
     def stem(self) -> str:
@@ -112,7 +119,7 @@ class World:
     max_rotation: int = 15
 
     def __post_init__(self):
-        for kind, names, known in (("colour", self.colours, COLOURS), ("shape", self.shapes, SHAPES),
+        for kind, names, known in (("colour", self.colours, (*COLOURS, ANY)), ("shape", self.shapes, SHAPES),
                                    ("background", self.backgrounds, BACKGROUNDS)):
             if not names:
                 raise ValueError(f"shapes world: no {kind}s given; choose from {', '.join(known)}")
@@ -162,10 +169,13 @@ class World:
             first = math.ceil((1 - lo[axis]) * SUB)  # smallest centre (1/SUB px) keeping the margin
             last = math.floor((self.size - 1 - hi[axis]) * SUB)
             center.append(_randint(seed, index, "center_" + axis, first, max(first, last)) / SUB)
-        base = COLOURS[colour]
-        shade = _randint(seed, index, "shade", 85, 105)  # percent, shared by the three channels
-        fill = tuple(min(255, max(0, base[ch] * shade // 100 + _randint(seed, index, f"fill{ch}", -12, 12)))
-                     for ch in range(3))
+        if colour == ANY:
+            fill = _any_hue(seed, index)
+        else:
+            base = COLOURS[colour]
+            shade = _randint(seed, index, "shade", 85, 105)  # percent, shared by the three channels
+            fill = tuple(min(255, max(0, base[ch] * shade // 100 + _randint(seed, index, f"fill{ch}", -12, 12)))
+                         for ch in range(3))
         grey = BACKGROUNDS[background] + _randint(seed, index, "background", -10, 10)
         bg = tuple(min(255, max(0, grey + _randint(seed, index, f"background{ch}", -3, 3))) for ch in range(3))
         return ShapeSpec(index, shape, colour, background, size, (center[0], center[1]), rotation, fill, bg)
@@ -173,6 +183,21 @@ class World:
     def image(self, index: int) -> np.ndarray:
         """Image `index` as (size, size, 3) uint8 RGB."""
         return render(self.spec(index), self.size)
+
+
+def _any_hue(seed: int, index: int) -> tuple[int, int, int]:
+    """RGB of the `any` pseudo-colour: HSV with hue in [0, 360) degrees, saturation 50-90 %, value
+    55-95 %, in integer arithmetic (exact on every machine)."""
+    hue = _randint(seed, index, "hue", 0, 359)
+    sat = _randint(seed, index, "saturation", 50, 90)
+    val = _randint(seed, index, "value", 55, 95)
+    sector, within = divmod(hue, 60)  # within: degrees into the sector
+    top = 255 * val // 100
+    low = top * (100 - sat) // 100
+    rise = low + (top - low) * within // 60
+    fall = top - (top - low) * within // 60
+    return [(top, rise, low), (fall, top, low), (low, top, rise), (low, fall, top), (rise, low, top),
+            (top, low, fall)][sector]
 
 
 def _outline(shape: str, size: float, rotation: int) -> list[tuple[float, float]]:
@@ -287,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="index of the first image")
     parser.add_argument("--colors", "--colours", dest="colours", nargs="+", default=list(BASE_COLOURS),
-                        metavar="COLOUR", help=f"colours to use, from {', '.join(COLOURS)}")
+                        metavar="COLOUR", help=f"colours to use, from {', '.join(COLOURS)}, or {ANY} "
+                        "(any hue, no colour word in the caption: the VAE's world)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), metavar="SHAPE")
     parser.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), metavar="BACKGROUND")
     parser.add_argument("--random", action="store_true",

@@ -148,6 +148,40 @@ def test_cli_writes_the_chosen_colours_and_rejects_unknown_ones(tmp_path, capsys
     assert "colours" in err and "purple" in err
 
 
+def test_any_colour_spans_the_hue_circle_without_a_colour_word(tmp_path):
+    """`--colors any` (the VAE's world): fills of every hue, matching colorsys' HSV within rounding,
+    and captions that name no colour."""
+    import colorsys
+
+    world = sw.World(seed=3, colours=(sw.ANY,))
+    hues = []
+    for i in range(240):
+        spec = world.spec(i)
+        assert spec.caption == f"a {spec.shape} on a {spec.background} background"
+        hue, sat, val = colorsys.rgb_to_hsv(*(c / 255 for c in spec.fill_rgb))
+        assert 0.45 <= sat <= 0.92 and 0.53 <= val <= 0.96, spec.fill_rgb
+        hues.append(hue * 360)
+    assert np.histogram(hues, bins=12, range=(0, 360))[0].min() >= 8  # every 30-degree sector drawn
+    purple = [h for h in hues if 255 <= h < 330]  # the checker's purple bin is among them
+    assert len(purple) >= 30
+    # Exactness against colorsys for one pure case: hue 300, saturation 80 %, value 90 %.
+    assert sw._any_hue.__doc__ and all(abs(a - round(255 * b)) <= 1 for a, b in zip(
+        _hsv_int(300, 80, 90), colorsys.hsv_to_rgb(300 / 360, 0.8, 0.9)))
+    sw.main([str(tmp_path / "a"), "--count", "3", "--colors", "any"])
+    assert all(" any " not in p.read_text() for p in (tmp_path / "a").glob("*.txt"))
+
+
+def _hsv_int(hue: int, sat: int, val: int):
+    """shapes_world's integer HSV for given draws (the function reads them from hashes)."""
+    draws = {"hue": hue, "saturation": sat, "value": val}
+    original = sw._randint
+    try:
+        sw._randint = lambda seed, index, field, lo, hi: draws[field]
+        return sw._any_hue(0, 0)
+    finally:
+        sw._randint = original
+
+
 # ---- checker ------------------------------------------------------------------------------------
 
 def _true_area(spec) -> float:
