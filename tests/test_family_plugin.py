@@ -20,7 +20,7 @@ from trainer.config import load_config
 from trainer.recipe import LoRATrainingRecipe
 from trainer.sampling.pipeline import Txt2ImgPipeline
 
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -63,7 +63,7 @@ def family():
 def test_made_up_family_trains_samples_and_exports(tmp_path: Path, family):
     (tmp_path / "data").mkdir()
     data = copy_quickstart_images(tmp_path / "data", 4)
-    cfg = load_config(QUICKSTART, [
+    cfg = load_config(TINY_LORA, [
         f"model.source={NAME}", f"output.dir={tmp_path}", f"data.path={data}", "data.num_workers=0",
         "output.tensorboard=false", "optim.warmup_steps=0", "train.batch_size=2", "train.max_steps=3",
         "train.save_every=0", "train.train_text_encoders=true", "data.cache_text=false",

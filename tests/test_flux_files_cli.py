@@ -5,7 +5,7 @@ missing. Files are written from a random tiny-flux bundle (flux_files_helpers)."
 import pytest
 import torch
 from flux_files_helpers import tiny_bundle, write_split
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 import trainer.__main__ as cli
 from models.families.flux import FluxFamily, MissingT5Tokenizer
@@ -34,7 +34,7 @@ def test_training_config_reads_the_separate_files(files, tmp_path):
     bundle, paths = files
     (tmp_path / "data").mkdir()
     data = copy_quickstart_images(tmp_path / "data", 4)
-    cfg = load_config(QUICKSTART, _overrides(paths, tmp_path / "runs", data))
+    cfg = load_config(TINY_LORA, _overrides(paths, tmp_path / "runs", data))
     recipe = LoRATrainingRecipe(cfg)
     summary = recipe.run()
     assert summary.completed and recipe.bundle.family == "tiny-flux"
@@ -58,7 +58,7 @@ def test_generate_flags_read_the_separate_files(files, tmp_path, capsys):
 
 def test_a_missing_t5_tokenizer_stops_the_run_before_anything_is_encoded(tmp_path, monkeypatch):
     monkeypatch.setattr(FluxFamily, "make_tokenizers", _with_missing_t5)  # as flux-dev without tokenizer_2
-    cfg = load_config(QUICKSTART, ["model.source=tiny-flux", "lora.preset=attn", "data.resolution=64",
+    cfg = load_config(TINY_LORA, ["model.source=tiny-flux", "lora.preset=attn", "data.resolution=64",
                                    "data.bucket_step=32", f"output.dir={tmp_path}",
                                    f"data.path={copy_quickstart_images(tmp_path, 2)}"])
     recipe = LoRATrainingRecipe(cfg)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 import trainer.__main__ as cli
 from trainer.config import load_config
@@ -32,7 +32,7 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def _config(out: Path, data: Path, *overrides):
-    return load_config(QUICKSTART, [f"output.dir={out}", f"data.path={data}", *FLUX, *overrides])
+    return load_config(TINY_LORA, [f"output.dir={out}", f"data.path={data}", *FLUX, *overrides])
 
 
 def _record_guidance(module: torch.nn.Module) -> list[tuple[str, float | None]]:
@@ -199,7 +199,7 @@ def test_text_encoder_training_adapts_clip_l_and_t5(tmp_path, small_data):
 
 
 def test_check_accepts_tiny_flux_and_names_flow_incompatible_keys(capsys):
-    base = ["--config", str(QUICKSTART), "model.source=tiny-flux", "lora.preset=attn-mlp", "--check"]
+    base = ["--config", str(TINY_LORA), "model.source=tiny-flux", "lora.preset=attn-mlp", "--check"]
     assert cli.main(base) == 0
     assert "config OK" in capsys.readouterr().err
     cases = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 import models
 from data.config import DataConfig
@@ -252,7 +252,7 @@ def small_data(tmp_path_factory):
 def _recipe(tmp_path, data, *overrides):
     from trainer.recipe import LoRATrainingRecipe
 
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={data}", "data.num_workers=0",
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={data}", "data.num_workers=0",
                                    "output.tensorboard=false", "optim.warmup_steps=0", "train.batch_size=2",
                                    "train.save_every=0", "train.max_steps=2", "train.log_every=2", *overrides])
     recipe = LoRATrainingRecipe(cfg)

@@ -93,12 +93,12 @@ def test_config_lora_section_is_the_options_object():
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("train_text_encoders", [False, True])
 def test_recipe_injects_the_config_lora_section(tmp_path, train_text_encoders):
-    from training_runs import QUICKSTART, copy_quickstart_images
+    from training_runs import TINY_LORA, copy_quickstart_images
 
     from trainer.recipe import LoRATrainingRecipe
 
     data = copy_quickstart_images(tmp_path, 2)
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path / 'runs'}", f"data.path={data}", "data.num_workers=0",
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path / 'runs'}", f"data.path={data}", "data.num_workers=0",
                                    "data.cache_latents=false", "data.cache_text=false", "output.tensorboard=false",
                                    "lora.preset=attn", "lora.rank=3", "lora.text_encoder_rank=2", "lora.dropout=0.1",
                                    f"train.train_text_encoders={str(train_text_encoders).lower()}"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_lycoris import outputs, rel, sdxl_or_sd_inputs
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 from models.lora.files import load_lora
 from trainer.config import load_config
@@ -32,7 +32,7 @@ def small_data(tmp_path_factory):
 
 
 def _config(out, data, algo, *extra):
-    return load_config(QUICKSTART, [f"output.dir={out}", f"data.path={data}", *FAST, *ALGOS[algo], *extra])
+    return load_config(TINY_LORA, [f"output.dir={out}", f"data.path={data}", *FAST, *ALGOS[algo], *extra])
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))

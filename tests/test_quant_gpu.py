@@ -50,7 +50,7 @@ def test_bf16_autocast_step_on_a_quantized_unet(fmt):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_offload_frozen_keeps_cached_parts_off_the_gpu(tmp_path):
-    from training_runs import QUICKSTART, copy_quickstart_images
+    from training_runs import TINY_LORA, copy_quickstart_images
 
     from trainer.config import load_config
     from trainer.recipe import LoRATrainingRecipe
@@ -58,7 +58,7 @@ def test_offload_frozen_keeps_cached_parts_off_the_gpu(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     copy_quickstart_images(data, 4)
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={data}", "train.max_steps=2", "sample.every=1",
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={data}", "train.max_steps=2", "sample.every=1",
                                    "model.quantize=nf4", "sample.prompts=[a cat]", "sample.steps=2",
                                    "output.tensorboard=false", "model.dtype=bf16", "train.mixed_precision=bf16"])
     recipe = LoRATrainingRecipe(cfg)

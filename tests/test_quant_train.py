@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 from safetensors import safe_open
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 from trainer.config import ConfigError, load_config
 from trainer.recipe import LoRATrainingRecipe
@@ -24,7 +24,7 @@ def small_data(tmp_path_factory):
 
 
 def _config(out, data, *overrides):
-    return load_config(QUICKSTART, [f"output.dir={out}", f"data.path={data}", *FAST, *overrides])
+    return load_config(TINY_LORA, [f"output.dir={out}", f"data.path={data}", *FAST, *overrides])
 
 
 # Mean loss of the last 10 of 40 steps (batch 2, lr 5e-3 cosine) relative to the unquantized run. The

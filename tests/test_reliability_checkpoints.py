@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_runs import QUICKSTART, ROOT, copy_quickstart_images
+from training_runs import TINY_LORA, ROOT, copy_quickstart_images
 
 import trainer.__main__ as cli
 from trainer.checkpoint import CheckpointError, CheckpointManager
@@ -146,7 +146,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _args(out: Path, data: Path, *extra) -> list[str]:
-    return ["--config", str(QUICKSTART), f"output.dir={out}", f"data.path={data}", *RUN, *extra]
+    return ["--config", str(TINY_LORA), f"output.dir={out}", f"data.path={data}", *RUN, *extra]
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:

@@ -12,7 +12,7 @@ import pytest
 import trainer.__main__ as cli
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QUICKSTART = ROOT / "tests" / "fixtures" / "tiny_lora.yaml"
 DATA = ROOT / "examples" / "quickstart_data"
 
 CASES = {

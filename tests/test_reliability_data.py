@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from training_runs import QUICKSTART
+from training_runs import TINY_LORA
 
 import trainer.__main__ as cli
 from trainer.config import load_config
@@ -120,7 +120,7 @@ def user_log(capfd):
                                        ["data.cache_latents=false", "data.num_workers=2"]],
                          ids=["cached-latents", "decoded-in-workers"])
 def test_training_survives_bad_data_and_names_each_bad_file_once(bad_data, tmp_path, user_log, overrides):
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={bad_data}", *RUN, *overrides])
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={bad_data}", *RUN, *overrides])
     recipe = LoRATrainingRecipe(cfg)
     summary = recipe.run()
     log_text = user_log()
@@ -153,7 +153,7 @@ def test_strict_mode_lists_every_bad_file_before_loading_a_model(bad_data, tmp_p
     monkeypatch.setattr("models.build_model", no_model)
     monkeypatch.setattr(models.bundle, "build_model", no_model)
     caplog.set_level(logging.INFO)
-    rc = cli.main(["--config", str(QUICKSTART), f"output.dir={tmp_path}", f"data.path={bad_data}", *RUN,
+    rc = cli.main(["--config", str(TINY_LORA), f"output.dir={tmp_path}", f"data.path={bad_data}", *RUN,
                    "data.strict=true", "data.num_workers=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from training_runs import QUICKSTART, ROOT, copy_quickstart_images, trainer_env
+from training_runs import TINY_LORA, ROOT, copy_quickstart_images, trainer_env
 
 from trainer.checkpoint import CheckpointManager
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 def _launch(out: Path, data: Path, *extra) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
-           "--config", str(QUICKSTART), f"output.dir={out}", f"data.path={data}", *COMMON, *extra]
+           "--config", str(TINY_LORA), f"output.dir={out}", f"data.path={data}", *COMMON, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
 

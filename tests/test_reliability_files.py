@@ -17,7 +17,7 @@ import torch
 import trainer.__main__ as cli
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QUICKSTART = ROOT / "tests" / "fixtures" / "tiny_lora.yaml"
 TRAIN = ["--config", str(QUICKSTART), "train.max_steps=2", "optim.warmup_steps=0", "output.tensorboard=false",
          "data.num_workers=0"]
 

@@ -177,7 +177,7 @@ def test_training_resume_from_a_non_finite_checkpoint_fails_cleanly(tmp_path, ca
     data.mkdir()
     for img in sorted((root / "examples" / "quickstart_data").glob("*.png"))[:4]:
         shutil.copy(img, data / img.name)
-    args = ["--config", str(root / "configs" / "quickstart.yaml"), f"output.dir={tmp_path}", f"data.path={data}",
+    args = ["--config", str(root / "tests" / "fixtures" / "tiny_lora.yaml"), f"output.dir={tmp_path}", f"data.path={data}",
             "train.max_steps=4", "train.save_every=2", "optim.warmup_steps=0", "output.tensorboard=false",
             "train.batch_size=2"]
     assert cli.main(args) == 0

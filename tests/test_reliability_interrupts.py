@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_runs import QUICKSTART, ROOT, copy_quickstart_images, trainer_env
+from training_runs import TINY_LORA, ROOT, copy_quickstart_images, trainer_env
 
 import trainer.__main__ as cli
 import trainer.checkpoint as checkpoint_module
@@ -64,11 +64,11 @@ sys.exit(main(args))
 
 
 def _args(out: Path, data: Path, *extra) -> list[str]:
-    return ["--config", str(QUICKSTART), f"output.dir={out}", f"data.path={data}", *RUN, *extra]
+    return ["--config", str(TINY_LORA), f"output.dir={out}", f"data.path={data}", *RUN, *extra]
 
 
 def _config(out: Path, data: Path, *extra):
-    return load_config(QUICKSTART, _args(out, data, *extra)[2:])
+    return load_config(TINY_LORA, _args(out, data, *extra)[2:])
 
 
 def _run_dir(out: Path) -> Path:

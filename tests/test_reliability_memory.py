@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 import data.cache as cache_module
 import models
@@ -85,7 +85,7 @@ def test_check_refuses_beyond_the_limit_and_counts_every_process():
 
 
 def _train(out: Path, data: Path, *extra) -> list[str]:
-    return ["--config", str(QUICKSTART), f"output.dir={out}", f"data.path={data}", "train.max_steps=2",
+    return ["--config", str(TINY_LORA), f"output.dir={out}", f"data.path={data}", "train.max_steps=2",
             "optim.warmup_steps=0", "output.tensorboard=false", "data.num_workers=0", *extra]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 import trainer.__main__ as cli
 from trainer.config import load_config
@@ -64,7 +64,7 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(data, 
         _poison_loss(monkeypatch, BAD_STEP)
     else:
         _poison_gradients(monkeypatch, BAD_STEP, float("nan"))
-    rc = cli.main(["--config", str(QUICKSTART), f"output.dir={tmp_path}", f"data.path={data}", *RUN,
+    rc = cli.main(["--config", str(TINY_LORA), f"output.dir={tmp_path}", f"data.path={data}", *RUN,
                    f"train.max_grad_norm={clip}"])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -109,7 +109,7 @@ def _track_steps(recipe: LoRATrainingRecipe) -> list[dict]:
 
 def test_loss_scaling_skips_an_overflowing_step_and_training_continues(data, tmp_path, monkeypatch):
     _poison_gradients(monkeypatch, 3, float("inf"))
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={data}", *RUN, "train.max_grad_norm=null"])
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={data}", *RUN, "train.max_grad_norm=null"])
     recipe = LoRATrainingRecipe(cfg)
     recipe.setup()
     scaler = _use_cpu_loss_scaler(recipe, init_scale=2.0**8)
@@ -130,7 +130,7 @@ def test_loss_scaling_skips_an_overflowing_step_and_training_continues(data, tmp
 @pytest.mark.gpu
 def test_fp16_mixed_precision_skips_an_overflowing_step_on_gpu(data, tmp_path, monkeypatch):
     _poison_gradients(monkeypatch, 3, float("inf"))
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={data}", *RUN,
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={data}", *RUN,
                                    "train.mixed_precision=fp16", "train.device=auto"])
     recipe = LoRATrainingRecipe(cfg)
     recipe.setup()

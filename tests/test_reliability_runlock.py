@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from training_runs import QUICKSTART, ROOT, copy_quickstart_images, trainer_env
+from training_runs import TINY_LORA, ROOT, copy_quickstart_images, trainer_env
 
 from trainer.runlock import LOCK_NAME, RunLock, RunLockHeld, _proc_start
 
@@ -24,7 +24,7 @@ STARTS_WITHIN = 60  # seconds for a refused start on a busy 2-core machine (it i
 
 
 def _args(out: Path, data: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={out}", f"data.path={data}",
+    return [sys.executable, "-m", "trainer", "--config", str(TINY_LORA), f"output.dir={out}", f"data.path={data}",
             "data.num_workers=0", "output.tensorboard=false", "output.overwrite=false", "train.batch_size=2",
             "train.save_every=20", "train.log_every=1", *extra]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from training_runs import EXAMPLES, QUICKSTART
+from training_runs import EXAMPLES, TINY_LORA
 
 from trainer.config import load_config
 from trainer.recipe import LoRATrainingRecipe
@@ -56,7 +56,7 @@ def _subsets(folders, train="train") -> str:
 
 
 def _config(out: Path, *overrides):
-    return load_config(QUICKSTART, [f"output.dir={out}", "data.path=null", *BASE, *overrides])
+    return load_config(TINY_LORA, [f"output.dir={out}", "data.path=null", *BASE, *overrides])
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -292,10 +292,10 @@ def test_two_processes_equal_one_with_regularization_masks_ema_and_validation(tm
               "train.masked_loss=true", "train.prior_loss_weight=0.5", "train.ema_decay=0.5",
               "validation.split=0.4", "train.log_every=1", "output.export_dtype=fp32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer", "--config", str(QUICKSTART), f"output.dir={tmp_path / 'ddp'}", *common]
+           "-m", "trainer", "--config", str(TINY_LORA), f"output.dir={tmp_path / 'ddp'}", *common]
     proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = LoRATrainingRecipe(load_config(QUICKSTART, [f"output.dir={tmp_path / 'one'}", *common,
+    single = LoRATrainingRecipe(load_config(TINY_LORA, [f"output.dir={tmp_path / 'one'}", *common,
                                                          "train.grad_accum=2"]))
     summary = single.run()
     run = "quickstart/checkpoints/step-00000003"

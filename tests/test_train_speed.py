@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from training_runs import QUICKSTART, copy_quickstart_images
+from training_runs import TINY_LORA, copy_quickstart_images
 
 from models.unet_blocks import BasicTransformerBlock
 from trainer.config import load_config
@@ -26,7 +26,7 @@ def small_data(tmp_path_factory):
 
 
 def _run(out, data, *overrides) -> tuple[LoRATrainingRecipe, object]:
-    cfg = load_config(QUICKSTART, [f"output.dir={out}", f"data.path={data}", *FAST, "train.max_steps=3",
+    cfg = load_config(TINY_LORA, [f"output.dir={out}", f"data.path={data}", *FAST, "train.max_steps=3",
                                    "train.log_every=1", *overrides])
     recipe = LoRATrainingRecipe(cfg)
     return recipe, recipe.run()
@@ -63,7 +63,7 @@ def test_checkpointing_granularity_and_channels_last_train_the_same(tmp_path, sm
 
 
 def test_checkpointing_true_means_block(tmp_path, small_data):
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={small_data}", *FAST,
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={small_data}", *FAST,
                                    "train.gradient_checkpointing=true"])
     recipe = LoRATrainingRecipe(cfg)
     recipe.setup()
@@ -198,7 +198,7 @@ def test_training_steps_never_read_device_values(tmp_path, small_data, overrides
     """Losses, gradient norms and the non-finite check stay on the device between log intervals,
     and nothing is copied to the device from pageable host memory (token ids come pinned from
     the data loader)."""
-    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", f"data.path={small_data}", *FAST, "train.max_steps=4",
+    cfg = load_config(TINY_LORA, [f"output.dir={tmp_path}", f"data.path={small_data}", *FAST, "train.max_steps=4",
                                    "train.log_every=4", *overrides])
     recipe = LoRATrainingRecipe(cfg)
     recipe.setup()

@@ -8,6 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+TINY_LORA = ROOT / "tests" / "fixtures" / "tiny_lora.yaml"
+"""A LoRA run on the random-weight tiny-sdxl over examples/quickstart_data: what most training tests
+start from (the quickstart itself trains the pretrained toy-sdxl, which is slower)."""
 EXAMPLES = ROOT / "examples" / "quickstart_data"
 
 
