@@ -152,8 +152,8 @@ PRESETS = MappingProxyType({
                   "num_head_channels": None, "context_dim": 32, "use_linear_in_transformer": False,
                   "adm_in_channels": None},
     "tiny-sdxl": _TINY_SDXL,
-    # The shipped toy model's UNet (the `toy-sdxl` family), 4.9 M params: 48/96/96 channels.
-    "toy-sdxl": {**_TINY_SDXL, "model_channels": 48, "norm_num_groups": 16},
+    # The shipped toy model's UNet (the `toy-sdxl` family): tiny-sdxl's, 2.3 M params, on 16x16 latents.
+    "toy-sdxl": _TINY_SDXL,
 })
 """UNetConfig field values of each preset name."""
 

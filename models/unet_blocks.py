@@ -300,8 +300,9 @@ class Upsample(nn.Module):
 
     The two steps are computed as one stride-2 transposed conv whose 4x4 kernel sums the 3x3 taps
     that land on the same low-resolution pixel: same result, 16 instead of 36 multiply-adds per
-    input pixel and channel pair, and no 4x-sized intermediate. When ``conv`` has been replaced
-    (e.g. by a LoRA wrapper) or carries hooks, the literal interpolate-then-conv path runs instead.
+    input pixel and channel pair, and no 4x-sized intermediate. A LoRA wrapper's updates are added
+    to that output; when ``conv`` carries hooks, another module or a DoRA adapter, the literal
+    interpolate-then-conv path runs instead.
     """
 
     def __init__(self, channels: int, out_channels: int | None = None, *, device=None, dtype=None):
@@ -313,8 +314,17 @@ class Upsample(nn.Module):
         """x (B,C,H,W) -> (B,C',2H,2W), or (B,C',*size) when the skip it meets is not 2x (odd sides)."""
         conv = self.conv
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks):
-            return F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
+        if doubled and not (conv._forward_hooks or conv._forward_pre_hooks):
+            if type(conv) is nn.Conv2d:
+                return F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
+            # An adapter wrapper (LoRA) over a full-precision conv: the same fused base output plus
+            # its updates of the upsampled input, so that at strength 0 the output is the base's.
+            add_updates = getattr(conv, "add_updates", None)
+            if add_updates is not None and getattr(conv, "quantization", None) is None:
+                base = F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
+                y = add_updates(F.interpolate(x, scale_factor=2.0, mode="nearest"), base)
+                if y is not None:
+                    return y
         if doubled:
             return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return conv(F.interpolate(x, size=tuple(size), mode="nearest"))

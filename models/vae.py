@@ -93,7 +93,7 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VAEConfig":
-        """Named configuration: "sdxl", "sd15", "sd2", "flux", "tiny" or "tiny-flux"; `overrides` replace fields."""
+        """Named configuration: "sdxl", "sd15", "sd2", "flux", "tiny", "toy" or "tiny-flux"; `overrides` replace fields."""
         if name not in _PRESETS:
             raise ValueError(f"unknown VAE preset {name!r}; valid names: {', '.join(sorted(_PRESETS))}")
         return replace(_PRESETS[name], **overrides)
@@ -106,6 +106,11 @@ _PRESETS = {
     # Test-size model that keeps the real 8x downsampling and 4 latent channels.
     "tiny": VAEConfig(
         ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_num_groups=8, scaling_factor=0.13025, force_upcast=False
+    ),
+    # The shipped toy model's VAE (`toy-sdxl`): 4x downsampling, so 64 px images give 16x16 latents
+    # (an 8x8 grid cannot hold a star's points), 4 latent channels like SDXL's.
+    "toy": VAEConfig(
+        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_num_groups=8, scaling_factor=0.13025, force_upcast=False
     ),
     # Flux.1 dev/schnell `ae.safetensors`; force_upcast as in its published diffusers config.
     "flux": VAEConfig(

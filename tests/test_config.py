@@ -68,10 +68,22 @@ def test_shipped_configs_validate(path):
     assert any(f"python -m trainer --config configs/{path.name}" in line for line in head), "header lacks the command"
 
 
-def test_quickstart_is_offline_tiny_and_small():
+def test_quickstart_is_offline_toy_and_small():
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    assert cfg.model.source == "tiny-sdxl" and cfg.data.resolution == 64
-    assert Path(cfg.data.path).is_dir()
+    assert cfg.model.source == "toy-sdxl" and cfg.data.resolution == 64
+    assert (ROOT / cfg.data.path).is_dir()
+
+
+def test_toy_model_recipe_trains_the_architecture_from_scratch():
+    path = ROOT / "configs" / "toy" / "toy_sdxl.yaml"
+    vae = ROOT / "models" / "assets" / "toy-sdxl.safetensors"  # any existing file stands in for the trained VAE
+    cfg = load_config(path, [f"data.path={DATA}", f"model.vae={vae}"])
+    assert cfg.model.source == "toy-sdxl" and cfg.model.random_weights and cfg.train.mode == "full"
+    assert cfg.train.train_text_encoders and cfg.train.ema_decay and cfg.data.caption_dropout > 0
+    head = path.read_text().splitlines()[:14]
+    for step in ("examples/shapes_world.py", "trainer vae --config configs/toy/vae.yaml",
+                 "trainer --config configs/toy/toy_sdxl.yaml", "models/assets/toy-sdxl.safetensors"):
+        assert any(step in line for line in head), step
 
 
 def test_sdxl_config_matches_the_recipe():

@@ -439,3 +439,24 @@ def test_merge_refuses_weights_that_overflow_the_base_dtype():
         net.merge()
     assert not any(a.merged for a in net.adapters().values())
     assert all(torch.equal(before[k], v) for k, v in bundle.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_adapters_at_strength_zero_leave_the_unet_bit_identical(algo):
+    """Every wrapped layer (the upsampling convs' fused path included) computes the base output as
+    the unwrapped model does, so a LoCon-preset adapter at multiplier 0 changes no bit."""
+    import models
+
+    torch.manual_seed(0)
+    bundle = models.build_model("toy-sdxl", seed=0)  # the shipped toy model's shapes: 16x16 latents
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([900, 10])
+    ctx, y = torch.randn(2, 77, 96), torch.randn(2, 1600)
+    with torch.no_grad():
+        base = bundle.unet(x, t, ctx, y)
+        net = models.inject_lora(bundle, options=models.LoRAOptions(preset="locon", algo=algo, rank=4))
+        for p in net.parameters():
+            p.normal_()  # non-zero updates everywhere
+        net.multiplier = 0.0
+        assert torch.equal(bundle.unet(x, t, ctx, y), base)
+        net.multiplier = 1.0
+        assert not torch.equal(bundle.unet(x, t, ctx, y), base)

@@ -267,12 +267,13 @@ def test_preset_names_match_models_vae():
 
 def test_the_shipped_toy_config_validates():
     path = ROOT / "configs" / "toy" / "vae.yaml"
-    cfg = load_vae_config(path, [f"data.path={DATA}"])
-    assert cfg.model.preset == "tiny" and cfg.data.resolution == 64 and cfg.output.latent_scale == "fold"
+    sources = [f"data.subsets.{i}.path={DATA}" for i in range(2)]  # the shapes world and its any-hue set
+    cfg = load_vae_config(path, sources)
+    assert cfg.model.preset == "toy" and cfg.data.resolution == 64 and cfg.output.latent_scale == "fold"
     head = path.read_text().splitlines()[:12]
     assert any("python -m trainer vae --config configs/toy/vae.yaml" in line for line in head)
-    with pytest.raises(ConfigError, match="data.path"):
-        load_vae_config(path, ["data.path=./no/such/shapes"])
+    with pytest.raises(ConfigError, match=r"data.subsets\[1\].path"):
+        load_vae_config(path, [sources[0], "data.subsets.1.path=./no/such/shapes"])
 
 
 def test_readme_documents_every_vae_key():

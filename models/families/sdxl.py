@@ -56,6 +56,6 @@ SDXL = register_family(SDXLFamily(name="sdxl", unet="sdxl", vae="sdxl", text_enc
 TINY_SDXL = register_family(SDXLFamily(name="tiny-sdxl", unet="tiny-sdxl", vae="tiny",
                                        text_encoders=("tiny-clip-l", "tiny-bigg"), resolution=64, **_COMMON))
 # The toy model: trained from scratch on the shapes world, its weights ship with the package.
-TOY_SDXL = register_family(SDXLFamily(name="toy-sdxl", unet="toy-sdxl", vae="tiny",
+TOY_SDXL = register_family(SDXLFamily(name="toy-sdxl", unet="toy-sdxl", vae="toy",
                                       text_encoders=("tiny-clip-l", "tiny-bigg"), resolution=64,
                                       pretrained="toy-sdxl.safetensors", **{**_COMMON, "title": "toy SDXL"}))

@@ -35,7 +35,7 @@ ReconstructionLoss = Literal["mse", "l1"]
 """`trainer.vae.losses.RECONSTRUCTION_LOSSES`."""
 VAESchedule = Literal["constant", "linear", "cosine"]
 LatentScaleMode = Literal["fold", "config"]
-VAE_PRESETS = ("sdxl", "sd15", "sd2", "flux", "tiny", "tiny-flux")
+VAE_PRESETS = ("sdxl", "sd15", "sd2", "flux", "tiny", "toy", "tiny-flux")
 """Names `models.vae.VAEConfig.preset` accepts (tests/test_vae_train.py checks they agree)."""
 
 
@@ -44,9 +44,9 @@ class VAEModelConfig:
     """The autoencoder that is trained."""
 
     preset: str = "tiny"
-    """`models.vae.VAEConfig` preset the network is built from: `tiny` (the `tiny-sdxl` / `tiny-sd15`
-    families' VAE: 8x downsampling, 4 latent channels, 1.0 M parameters), `tiny-flux`, `sdxl`,
-    `sd15`, `sd2` or `flux`."""
+    """`models.vae.VAEConfig` preset the network is built from: `toy` (the shipped `toy-sdxl`'s VAE:
+    4x downsampling, 4 latent channels), `tiny` (the `tiny-sdxl` / `tiny-sd15` families' VAE: 8x
+    downsampling, 4 latent channels, 1.0 M parameters), `tiny-flux`, `sdxl`, `sd15`, `sd2` or `flux`."""
     init: str | None = None
     """VAE to fine-tune: a VAE file (ldm names, bare or under `first_stage_model.`, or diffusers
     names), a full single-file checkpoint, a diffusers VAE folder, or a file this trainer exported;
