@@ -536,28 +536,31 @@ class _LoRAWrapper(nn.Module):
                 if not a.is_dora:
                     y = y + a.branch(x, y.dtype)
             return y
-        # The base output is computed on x exactly as the base layer would, so that at strength 0
-        # the wrapped model reproduces the base bit for bit.
-        return self.add_updates(x, self.base_forward(x))
+        # Plain adapters: token-major 2-D matmuls and the scale folded into an in-place add keep
+        # the autograd graph small (the base output is not needed by its own backward).
+        shape = x.shape
+        # (rank dropout draws one mask per sample, so it needs the batch axis kept)
+        flat = isinstance(self, LoRALinear) and x.dim() > 2 and not any(a.training and a.rank_dropout > 0 for a in active)
+        if flat:
+            x = x.reshape(-1, shape[-1])
+        y = self._add(x, self.base_forward(x), active)
+        return y.view(*shape[:-1], y.shape[-1]) if flat else y
 
     def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """y, the base output for input x (computed by the caller, possibly by a fused kernel such as
-        the UNet's upsampling conv), plus every active adapter's update for x, added in place.
-        None when an active adapter changes the base computation itself (DoRA): call the module."""
+        """y, the base output for input x computed by the caller (e.g. by the fused kernel of the
+        UNet's upsampling conv, so that at strength 0 the output stays the base's bit for bit),
+        plus every active adapter's update for x, added in place. None when an active adapter
+        changes the base computation itself (DoRA): call the module instead."""
         active = [a for a in self.lora_adapters.values() if not a.merged]
         if any(a.is_dora for a in active):
             return None
-        # Plain adapters: token-major 2-D matmuls and the scale folded into an in-place add keep
-        # the autograd graph small (the base output is not needed by its own backward).
-        # (rank dropout draws one mask per sample, so it needs the batch axis kept)
-        flat = isinstance(self, LoRALinear) and x.dim() > 2 and not any(a.training and a.rank_dropout > 0 for a in active)
-        out = y
-        if flat:
-            x = x.reshape(-1, x.shape[-1])
-            out = y.view(-1, y.shape[-1])
+        return self._add(x, y, active)
+
+    @staticmethod
+    def _add(x: torch.Tensor, y: torch.Tensor, active: list[Adapter]) -> torch.Tensor:
         for a in active:
             u, scale = a.update(x)
-            out.add_(u.to(out.dtype), alpha=scale)
+            y = y.add_(u.to(y.dtype), alpha=scale)
         return y
 
     def restore(self) -> nn.Module:
