@@ -101,7 +101,7 @@ def test_offload_frozen_moves_cached_parts_to_the_cpu_and_samples_bring_them_bac
 
 
 def test_quantized_text_encoders_only_when_they_do_not_train(tmp_path, small_data):
-    with pytest.raises(ConfigError, match=r"quickstart.yaml: model.quantize_text_encoders: .nf4. is only for frozen text encoders, "
+    with pytest.raises(ConfigError, match=r"tiny_lora.yaml: model.quantize_text_encoders: .nf4. is only for frozen text encoders, "
                                           r"but train.train_text_encoders is true"):
         _config(tmp_path, small_data, "model.quantize_text_encoders=nf4", "train.train_text_encoders=true",
                 "data.cache_text=false", "lora.text_encoders=te")
