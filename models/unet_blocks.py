@@ -314,17 +314,13 @@ class Upsample(nn.Module):
         """x (B,C,H,W) -> (B,C',2H,2W), or (B,C',*size) when the skip it meets is not 2x (odd sides)."""
         conv = self.conv
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and not (conv._forward_hooks or conv._forward_pre_hooks):
-            if type(conv) is nn.Conv2d:
-                return F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
-            # An adapter wrapper (LoRA) over a full-precision conv: the same fused base output plus
-            # its updates of the upsampled input, so that at strength 0 the output is the base's.
-            add_updates = getattr(conv, "add_updates", None)
-            if add_updates is not None and getattr(conv, "quantization", None) is None:
-                base = F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
-                y = add_updates(F.interpolate(x, scale_factor=2.0, mode="nearest"), base)
-                if y is not None:
-                    return y
+        plain = type(conv) is nn.Conv2d
+        # An adapter wrapper (LoRA) whose output is base + updates keeps the fused base kernel and
+        # adds its updates of the upsampled input, so that at strength 0 the output is the base's.
+        fused = plain or getattr(conv, "additive", False)
+        if doubled and fused and not (conv._forward_hooks or conv._forward_pre_hooks):
+            y = F.conv_transpose2d(x, _upsample_kernel(conv.weight), conv.bias, stride=2, padding=1)
+            return y if plain else conv.add_updates(F.interpolate(x, scale_factor=2.0, mode="nearest"), y)
         if doubled:
             return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return conv(F.interpolate(x, size=tuple(size), mode="nearest"))

@@ -5,27 +5,18 @@ The grids are scored with examples/shape_checker.py: the "before" grid (the base
 before the first step) shows no purple, the "after" grid (the trained LoRA, same prompts and seeds)
 shows purple in most cells. The LoRA at strength 0 in the generate CLI reproduces the base exactly.
 """
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from training_runs import QUICKSTART, ROOT, trainer_env
+from training_runs import QUICKSTART, ROOT, shape_checker, trainer_env
 
 import trainer.__main__ as cli
 from trainer.config import load_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def _checker():
-    spec = importlib.util.spec_from_file_location("shape_checker", ROOT / "examples" / "shape_checker.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("shape_checker", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return sys.modules["shape_checker"]
 
 
 def _cells(grid: Image.Image, size: int) -> list[np.ndarray]:
@@ -58,7 +49,7 @@ def test_before_after_grids_show_the_lora_teaching_purple(quickstart):
     steps, size = cfg.train.max_steps, cfg.data.resolution
     grids = sorted(p.name for p in (run / "samples").iterdir())
     assert grids == ["step-00000000.png", f"step-{steps:08d}.png"], grids
-    checker = _checker()
+    checker = shape_checker()
     verdicts = {}
     for name, step in (("before", 0), ("after", steps)):
         grid = Image.open(run / "samples" / f"step-{step:08d}.png")

@@ -6,13 +6,11 @@ the border). The same scoring makes cheap semantic tests of the pipeline: every 
 the asked colour, and conditioning in the wrong order must not.
 """
 import dataclasses
-import importlib.util
 import itertools
-import sys
 
 import pytest
 import torch
-from training_runs import ROOT
+from training_runs import shape_checker
 
 from models.checkpoints.open import open_model
 from trainer.sampling.pipeline import Txt2ImgPipeline
@@ -26,14 +24,6 @@ SEEDS = 2
 """Images per prompt in the obedience test (seeds 100, 101, ... per image)."""
 
 
-def _checker():
-    spec = importlib.util.spec_from_file_location("shape_checker", ROOT / "examples" / "shape_checker.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("shape_checker", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return sys.modules["shape_checker"]
-
-
 @pytest.fixture(scope="module")
 def toy():
     torch.set_num_threads(1)
@@ -42,7 +32,7 @@ def toy():
 
 @pytest.fixture(scope="module")
 def classify():
-    return _checker().classify
+    return shape_checker().classify
 
 
 def _prompt(shape: str, colour: str, background: str) -> str:

@@ -2,8 +2,10 @@
 quickstart config and images live, a copy of some of those images, and the environment for a
 `python -m trainer` subprocess. The accelerate-state reset they all need is the
 `fresh_accelerate_state` fixture in conftest.py."""
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +34,14 @@ def copy_quickstart_images(out: Path, count: int, captions: bool = True) -> Path
         if captions:
             shutil.copy(img.with_suffix(".txt"), out / (img.stem + ".txt"))
     return out
+
+
+def shape_checker():
+    """examples/shape_checker.py as a module (examples/ is not a package): `classify(image)` reads
+    colour, shape and background back from a shapes-world picture."""
+    if "shape_checker" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("shape_checker", ROOT / "examples" / "shape_checker.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["shape_checker"] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["shape_checker"]

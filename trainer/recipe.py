@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from models.checkpoints.open import gives_random_weights
+
 from .checkpoint import CheckpointManager, layout_mismatch
 from .config import Config, save_config, torch_dtype
 from .denoiser import Denoiser
@@ -216,7 +218,7 @@ class LoRATrainingRecipe:
     def _model_id(self) -> str:
         m = self.cfg.model
         # The seed names the weights only when they are random (not a family's shipped ones).
-        random = m.source == self.bundle.family and (m.random_weights or self.bundle.spec.pretrained is None)
+        random = gives_random_weights(m.source, m.random_weights)
         return f"{self.bundle.family}:{m.source}:{m.seed if random else ''}:{m.vae or ''}"
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ from .loading import (  # the VAE-override rules of a checkpoint
 )
 from .materialize import load_part
 
-__all__ = ["open_model", "vae_dtype_for"]
+__all__ = ["gives_random_weights", "open_model", "vae_dtype_for"]
 
 _TEXT_PARTS = ("text_encoder", "text_encoder_2")
 """`ModelBundle.modules()` names of the text encoders (as `load_model` names its parts)."""
@@ -61,6 +61,12 @@ def _load_vae(vae: str, bundle: ModelBundle, dtype: torch.dtype | None, variant:
         return load_part(part, bundle.spec.base, bundle.family, dtype)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{vae_key}: {exc}") from None
+
+
+def gives_random_weights(source: str, random_weights: bool = False) -> bool:
+    """Whether `open_model(source, random_weights=...)` builds random weights (from its seed): a
+    family name whose family ships no weights, or any family name with `random_weights`."""
+    return source in FAMILIES and (random_weights or FAMILIES[source].pretrained is None)
 
 
 def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | None = torch.float32,
@@ -103,7 +109,7 @@ def open_model(source: str, *, family: str | None = None, dtype: torch.dtype | N
         raise ModelLoadError(f"random_weights builds a family-name source with random weights, but {source_key}="
                              f"{source!r} is a checkpoint (its weights are loaded); drop random_weights or give a "
                              "family name")
-    if source in FAMILIES and (random_weights or FAMILIES[source].pretrained is None):
+    if gives_random_weights(source, random_weights):
         replaced = [name for name, value in (("unet", unet), ("text_encoders", text_encoders),
                                              ("tokenizers", tokenizers)) if value is not None]
         if replaced:

@@ -546,15 +546,17 @@ class _LoRAWrapper(nn.Module):
         y = self._add(x, self.base_forward(x), active)
         return y.view(*shape[:-1], y.shape[-1]) if flat else y
 
-    def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    @property
+    def additive(self) -> bool:
+        """Whether the output is the base output plus the adapters' updates (no active DoRA adapter
+        changes the base computation, and the base is full precision): then `add_updates` applies."""
+        return self.quantization is None and not any(a.is_dora for a in self.lora_adapters.values() if not a.merged)
+
+    def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y, the base output for input x computed by the caller (e.g. by the fused kernel of the
         UNet's upsampling conv, so that at strength 0 the output stays the base's bit for bit),
-        plus every active adapter's update for x, added in place. None when an active adapter
-        changes the base computation itself (DoRA): call the module instead."""
-        active = [a for a in self.lora_adapters.values() if not a.merged]
-        if any(a.is_dora for a in active):
-            return None
-        return self._add(x, y, active)
+        plus every active adapter's update for x, added in place. Only when `additive`."""
+        return self._add(x, y, [a for a in self.lora_adapters.values() if not a.merged])
 
     @staticmethod
     def _add(x: torch.Tensor, y: torch.Tensor, active: list[Adapter]) -> torch.Tensor:
