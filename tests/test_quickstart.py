@@ -3,7 +3,8 @@ shipped toy-sdxl a colour it has never seen (purple), and its before/after grids
 
 The grids are scored with examples/shape_checker.py: the "before" grid (the base model, rendered
 before the first step) shows no purple, the "after" grid (the trained LoRA, same prompts and seeds)
-shows purple in most cells. The LoRA at strength 0 in the generate CLI reproduces the base exactly.
+shows purple in most cells. The exported LoRA in the generate CLI draws purple at strength 1 and
+reproduces the base exactly at strength 0.
 """
 import subprocess
 import sys
@@ -56,16 +57,16 @@ def test_before_after_grids_show_the_lora_teaching_purple(quickstart):
         assert grid.size == (cfg.sample.images_per_prompt * size, len(cfg.sample.prompts) * size)
         verdicts[name] = [checker.classify(cell) for cell in _cells(grid, size)]
     purple = {name: sum(v.colour == "purple" for v in vs) / len(vs) for name, vs in verdicts.items()}
-    # Measured: before 0 of 16 purple (mostly dark green), after 6 of 16, purple then being the
-    # colour read most often; the rest are too dark to read a hue, or another colour.
+    # Measured: before 0 of 16 purple (grey, white or green shapes), after 16 of 16, with the
+    # asked shape in 16 of 16 (15 with train.seed 1).
     assert purple["before"] == 0, purple  # the base model has never seen the word
-    assert purple["after"] >= 0.3, purple  # the LoRA taught it ...
-    readable = [v.colour for v in verdicts["after"] if v.colour is not None]
-    assert max(set(readable), key=readable.count) == "purple", readable  # ... as the leading colour
+    n = cfg.sample.images_per_prompt
+    rows = [[v.colour for v in verdicts["after"][k:k + n]] for k in range(0, len(verdicts["after"]), n)]
+    assert all(row.count("purple") > n / 2 for row in rows), rows  # the LoRA taught it, in most seeds of every prompt ...
     # ... and the shape the prompt asks for still comes through.
-    shapes = [p.split()[2] for p in cfg.sample.prompts for _ in range(cfg.sample.images_per_prompt)]
+    shapes = [p.split()[2] for p in cfg.sample.prompts for _ in range(n)]
     right = sum(v.shape == s for v, s in zip(verdicts["after"], shapes)) / len(shapes)
-    assert right >= 0.35, right
+    assert right >= 0.75, right
 
 
 def test_lora_at_strength_zero_reproduces_the_base_in_generate(quickstart, tmp_path):
@@ -82,4 +83,9 @@ def test_lora_at_strength_zero_reproduces_the_base_in_generate(quickstart, tmp_p
             for k in ("base", "zero", "one")}
     assert len(read["base"]) == 2
     assert all(np.array_equal(a, b) for a, b in zip(read["base"], read["zero"]))
-    assert not np.array_equal(read["base"][0], read["one"][0])  # strength 1 changes the purple prompt
+    # The exported file, loaded by generate at strength 1, draws what the live adapters drew in the
+    # grid (an export at the wrong scale or under names that do not load would not), and leaves the
+    # colours the base model knows alone.
+    classify = shape_checker().classify
+    assert classify(read["base"][0]).colour != "purple"
+    assert [classify(img).colour for img in read["one"]] == ["purple", "red"]
