@@ -441,15 +441,16 @@ def test_merge_refuses_weights_that_overflow_the_base_dtype():
     assert all(torch.equal(before[k], v) for k, v in bundle.unet.state_dict().items())
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
-def test_adapters_at_strength_zero_leave_the_unet_bit_identical(algo):
+@pytest.mark.parametrize("algo,side", [("lora", 16), ("loha", 16), ("lokr", 16), ("lora", 8)])
+def test_adapters_at_strength_zero_leave_the_unet_bit_identical(algo, side):
     """Every wrapped layer (the upsampling convs' fused path included) computes the base output as
-    the unwrapped model does, so a LoCon-preset adapter at multiplier 0 changes no bit."""
+    the unwrapped model does, so a LoCon-preset adapter at multiplier 0 changes no bit, at the
+    toy model's 16x16 latents and at 8x8."""
     import models
 
     torch.manual_seed(0)
     bundle = models.build_model("toy-sdxl", seed=0)  # the shipped toy model's shapes: 16x16 latents
-    x, t = torch.randn(2, 4, 16, 16), torch.tensor([900, 10])
+    x, t = torch.randn(2, 4, side, side), torch.tensor([900, 10])
     ctx, y = torch.randn(2, 77, 96), torch.randn(2, 1600)
     with torch.no_grad():
         base = bundle.unet(x, t, ctx, y)
