@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -167,8 +168,6 @@ def test_samples_at_start_are_the_base_model_and_rows_hold_one_prompt(tmp_path, 
     base = open_model(cfg.model.source, seed=cfg.model.seed)
     images = Txt2ImgPipeline(base)(prompts, steps=3, guidance_scale=cfg.sample.guidance_scale, seed=5, width=64,
                                    height=64, n=3, progress=False)
-    import numpy as np
-
     # The base model's pictures (up to the last 8-bit level: the wrapped layers may round differently)
     base_grid = np.asarray(image_grid(images, columns=3), dtype=np.int16)
     assert np.abs(np.asarray(before, dtype=np.int16) - base_grid).max() <= 2

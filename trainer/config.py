@@ -77,8 +77,9 @@ class ModelConfig:
 
     source: str = "tiny-sdxl"
     """A family name (no download: `toy-sdxl`, a small SDXL-architecture model whose trained weights
-    ship with lorasmith; the `tiny-*` families, random weights from `seed`, for tests), a hub id (`stabilityai/stable-diffusion-xl-base-1.0`, or `owner/repo/file.safetensors`),
-    a diffusers folder or a single `.safetensors` file."""
+    ship with lorasmith; the `tiny-*` families, random weights from `seed`, for tests), a hub id
+    (`stabilityai/stable-diffusion-xl-base-1.0`, or `owner/repo/file.safetensors`), a diffusers
+    folder or a single `.safetensors` file."""
     family: str | None = None
     """Model family (`sd15`, `sd2`, `sdxl`, `flux-dev`, `flux-schnell`, the `tiny-*` test families, or
     one a plug-in registered) when
